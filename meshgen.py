@@ -1,0 +1,1212 @@
+#!/usr/bin/env python3
+"""meshgen: render a validated HAProxy bundle for a Consul Connect sidecar.
+
+One run is a pipeline, and this file reads top to bottom in its order:
+options and Consul client, fetch, model, certificate checks, render, validate, write, exit code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import difflib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import click
+import jinja2
+import requests
+import urllib3
+
+EXIT_UNCHANGED = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CHANGED = 3
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  nothing changed, HAProxy needs nothing
+  3  files changed: reload HAProxy
+  1  error: nothing on disk changed
+  2  usage error"""
+
+
+class MeshgenError(Exception):
+    """The one error type: its message is the single line the user sees."""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """Text from outside (agent bodies, haproxy output) made safe for one line of stderr."""
+    flat = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+# =========================================================================== options, Consul client
+
+@dataclass(frozen=True)
+class ConsulSettings:
+    """Where and how to reach the local agent, as the consul CLI's variables describe it."""
+    base_url: str               # scheme://host:port[/prefix]; http://localhost for a unix socket
+    unix_socket: str | None
+    token: str | None
+    ca_file: str | None
+    client_cert: tuple[str, str] | None
+    tls_server_name: str | None
+    verify: bool
+    timeout: float
+    namespace: str | None
+    partition: str | None
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("1", "t", "true", "yes"):
+        return True
+    if value.lower() in ("0", "f", "false", "no"):
+        return False
+    raise MeshgenError(f"{name}: {value!r} is not a boolean")
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise MeshgenError(f"token file {path}: {err.strerror}") from None
+
+
+def resolve_token(token_file: str | None) -> str | None:
+    """Precedence as the consul CLI: --token-file, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN.
+    There is no --token flag: a token in argv is readable by every user of the machine."""
+    path = token_file or os.environ.get("CONSUL_HTTP_TOKEN_FILE")
+    token = _read_token_file(path) if path else os.environ.get("CONSUL_HTTP_TOKEN", "").strip()
+    if token and not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise MeshgenError("Consul token: contains whitespace or control characters")
+    return token or None
+
+
+def consul_settings(http_addr: str, token_file: str | None, ca_file: str | None,
+                    client_cert: str | None, client_key: str | None, tls_server_name: str | None,
+                    timeout: float, namespace: str | None, partition: str | None) -> ConsulSettings:
+    addr = http_addr.strip()
+    unix_socket = None
+    if "://" not in addr:
+        addr = ("https://" if _env_bool("CONSUL_HTTP_SSL", False) else "http://") + addr
+    parts = urlsplit(addr)
+    if parts.scheme == "unix":
+        unix_socket, addr = parts.path, "http://localhost"
+    elif parts.scheme == "http" and _env_bool("CONSUL_HTTP_SSL", False):
+        addr = "https://" + addr[len("http://"):]
+    elif parts.scheme not in ("http", "https"):
+        raise MeshgenError(f"--http-addr: Unknown protocol scheme: {parts.scheme}")
+    if unix_socket is None and not parts.hostname:
+        raise MeshgenError(f"--http-addr: {http_addr!r} has no host")
+    if bool(client_cert) != bool(client_key):
+        raise MeshgenError("both client cert and client key must be provided")
+    if timeout <= 0:
+        raise MeshgenError(f"--timeout: {timeout} is not a positive number of seconds")
+    return ConsulSettings(
+        base_url=addr.rstrip("/"), unix_socket=unix_socket, token=resolve_token(token_file),
+        ca_file=ca_file, client_cert=(client_cert, client_key) if client_cert else None,
+        tls_server_name=tls_server_name.split(":")[0] if tls_server_name else None,
+        verify=_env_bool("CONSUL_HTTP_SSL_VERIFY", True), timeout=timeout,
+        namespace=namespace or None, partition=partition or None)
+
+
+class _UnixSocketConnection(urllib3.connection.HTTPConnection):
+    def __init__(self, socket_path: str, **kwargs):
+        super().__init__("localhost", **kwargs)
+        self._socket_path = socket_path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._socket_path)
+        self.sock = sock
+
+
+class _UnixSocketPool(urllib3.HTTPConnectionPool):
+    def __init__(self, socket_path: str, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self._socket_path = socket_path
+
+    def _new_conn(self):
+        return _UnixSocketConnection(self._socket_path, timeout=self.timeout.connect_timeout)
+
+
+class _UnixSocketAdapter(requests.adapters.HTTPAdapter):
+    """unix:// agent addresses: requests speaks TCP only, so dial the socket ourselves."""
+
+    def __init__(self, socket_path: str):
+        super().__init__()
+        self._socket_path = socket_path
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        return _UnixSocketPool(self._socket_path, urllib3.Timeout.DEFAULT_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class Reply:
+    data: object
+    index: int | None
+
+
+class ConsulClient:
+    """GET and decode one agent endpoint; every failure becomes a MeshgenError naming it."""
+
+    def __init__(self, settings: ConsulSettings, pool_size: int = 16):
+        self.settings = settings
+        session = requests.Session()
+        session.trust_env = False
+        adapter = (_UnixSocketAdapter(settings.unix_socket) if settings.unix_socket
+                   else requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=pool_size))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        if settings.token:
+            session.headers["X-Consul-Token"] = settings.token
+        if settings.namespace:
+            session.headers["X-Consul-Namespace"] = settings.namespace
+        if settings.partition:
+            session.headers["X-Consul-Partition"] = settings.partition
+        session.verify = settings.ca_file or settings.verify
+        session.cert = settings.client_cert
+        self.session = session
+
+    def get(self, path: str, params: dict | None = None) -> Reply:
+        url = self.settings.base_url + path
+        where = f"GET {path}"
+        try:
+            response = self.session.get(url, params=params, timeout=self.settings.timeout,
+                                        allow_redirects=False)
+        except requests.Timeout:
+            raise MeshgenError(f"{where}: the Consul agent did not answer within "
+                               f"{self.settings.timeout:g}s") from None
+        except requests.RequestException as err:
+            raise MeshgenError(f"{where}: cannot reach the Consul agent at "
+                               f"{self.settings.unix_socket or self.settings.base_url} "
+                               f"({_one_line(type(err).__name__)})") from None
+        if response.status_code != 200:
+            raise MeshgenError(f"{where}: {_status_message(response.status_code, response.text)}")
+        try:
+            data = response.json()
+        except ValueError as err:
+            raise MeshgenError(f"{where}: malformed JSON from the Consul agent ({_one_line(str(err))})") from None
+        index = response.headers.get("X-Consul-Index")
+        return Reply(data, int(index) if index and index.isdigit() else None)
+
+
+def _status_message(status: int, body: str) -> str:
+    text = _one_line(body) or "(empty body)"
+    if status == 403 and text == "ACL not found":
+        return "403 ACL not found: the agent does not know this Consul token"
+    if status == 403:
+        return f"403 {text}"
+    if status == 429:
+        return f"429 rate limited by Consul, try again later: {text}"
+    return f"{status} {text}"
+
+
+# =========================================================================== fetch
+
+def find_sidecar_id(client: ConsulClient, service_id: str) -> str:
+    """As `consul connect proxy -sidecar-for` does: the one connect-proxy whose
+    Proxy.DestinationServiceID is the app's service ID."""
+    services = client.get("/v1/agent/services").data
+    if not isinstance(services, dict):
+        raise MeshgenError("GET /v1/agent/services: expected a JSON object")
+    matches = sorted(sid for sid, svc in services.items()
+                     if isinstance(svc, dict) and svc.get("Kind") == "connect-proxy"
+                     and isinstance(svc.get("Proxy"), dict)
+                     and svc["Proxy"].get("DestinationServiceID") == service_id)
+    if not matches:
+        raise MeshgenError(f"--sidecar-for {service_id}: no connect-proxy service on this agent "
+                           f"has Proxy.DestinationServiceID {service_id!r}")
+    if len(matches) > 1:
+        raise MeshgenError(f"--sidecar-for {service_id}: several sidecars front it "
+                           f"({', '.join(matches)}); choose one with --proxy-id")
+    return matches[0]
+
+
+def fetch_registration(client: ConsulClient, proxy_id: str) -> dict:
+    data = client.get(f"/v1/agent/service/{quote(proxy_id, safe='')}").data
+    if not isinstance(data, dict):
+        raise MeshgenError(f"GET /v1/agent/service/{proxy_id}: expected a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class AgentData:
+    """What the agent said, still raw: the model step validates it."""
+    roots: dict
+    leaf: dict
+    instances: dict  # Upstream.key -> list of health entries
+
+
+def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstream, ...],
+                     workers: int = 16) -> AgentData:
+    """The independent requests of one run, in parallel."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        roots = pool.submit(client.get, "/v1/agent/connect/ca/roots")
+        leaf = pool.submit(client.get, f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}")
+        instances = {u.key: pool.submit(fetch_instances, client, u) for u in upstreams}
+        return AgentData(roots.result().data, leaf.result().data,
+                         {key: future.result() for key, future in instances.items()})
+
+
+def fetch_instances(client: ConsulClient, upstream: Upstream) -> list:
+    params = {"dc": upstream.datacenter} if upstream.datacenter else {}
+    if upstream.kind == "prepared_query":
+        path = f"/v1/query/{quote(upstream.name, safe='')}/execute"
+        data = client.get(path, dict(params, connect="true")).data
+        entries = data.get("Nodes") if isinstance(data, dict) else None
+    else:
+        path = f"/v1/health/connect/{quote(upstream.name, safe='')}"
+        if upstream.peer:
+            params["peer"] = upstream.peer
+        entries = client.get(path, dict(params, passing="")).data
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise MeshgenError(f"GET {path}: expected a JSON list of health entries")
+    return entries
+
+
+# =========================================================================== model
+
+PROTOCOLS = ("tcp", "http", "http2", "grpc")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+-]{0,250}")
+_URL_PATH = re.compile(r"/[A-Za-z0-9_./~%+-]{0,250}")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_MS = {"ns": 1e-6, "us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}
+
+
+def _norm(key: str) -> str:
+    return key.replace("_", "").replace("-", "").lower()
+
+
+def check_name(value, field: str) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise MeshgenError(f"{field}: {value!r} is not a valid name "
+                           "(letters, digits, '-', '_', '.'; at most 128)")
+    return value
+
+
+def check_port(value, field: str) -> int:
+    port = check_int(value, field)
+    if not 1 <= port <= 65535:
+        raise MeshgenError(f"{field}: {value!r} is not a port number (1-65535)")
+    return port
+
+
+def check_int(value, field: str, minimum: int = 0) -> int:
+    """Consul decodes Config weakly: numbers may come as JSON numbers or numeric strings."""
+    if isinstance(value, bool):
+        raise MeshgenError(f"{field}: {value!r} is not a number")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,18}", value.strip()):
+        value = int(value.strip())
+    if not isinstance(value, int):
+        raise MeshgenError(f"{field}: {value!r} is not a whole number")
+    if value < minimum:
+        raise MeshgenError(f"{field}: {value} is below the minimum {minimum}")
+    return value
+
+
+def check_host(value, field: str) -> str:
+    """An IP address or a DNS name: nothing else may reach an address in haproxy.cfg."""
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            if _HOSTNAME.fullmatch(value):
+                return value
+    raise MeshgenError(f"{field}: {value!r} is not an IP address or host name")
+
+
+def check_path(value, field: str) -> str:
+    if not isinstance(value, str) or not _SAFE_PATH.fullmatch(value) or "/../" in value + "/":
+        raise MeshgenError(f"{field}: {value!r} is not an absolute path of plain characters")
+    return value
+
+
+def check_host_port(value, field: str) -> str:
+    """`ip:port` or `host:port`, rendered as HAProxy writes it ([v6]:port)."""
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        if sep:
+            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            return join_host_port(check_host(host, field), check_port(port, field))
+    raise MeshgenError(f"{field}: {value!r} is not an address of the form ip:port")
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_duration_ms(value, field: str) -> int:
+    """Durations arrive as Go strings ("10s") or, from central config, integer nanoseconds."""
+    if isinstance(value, str) and re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+", value):
+        return round(sum(float(n) * _DURATION_MS[u] for n, u in _DURATION.findall(value)))
+    nanoseconds = check_int(value, field)
+    return nanoseconds // 1_000_000
+
+
+class ConfigMap:
+    """A Config map read as Consul reads it: keys match case- and underscore-insensitively."""
+
+    def __init__(self, raw, field: str):
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise MeshgenError(f"{field}: expected an object, got {type(raw).__name__}")
+        self.field = field
+        self.values = {_norm(k): (k, v) for k, v in raw.items() if isinstance(k, str)}
+
+    def raw(self, *names: str):
+        """The first of `names` set, and the key it was found under; "" counts as unset."""
+        for name in names:
+            if _norm(name) in self.values:
+                key, value = self.values[_norm(name)]
+                if value is not None and value != "":
+                    return f"{self.field}.{key}", value
+        return f"{self.field}.{names[0]}", None
+
+    def int(self, name: str, default, minimum: int = 0):
+        field, value = self.raw(name)
+        return default if value is None else check_int(value, field, minimum)
+
+    def choice(self, names: tuple[str, ...], choices: tuple[str, ...], default: str) -> str:
+        field, value = self.raw(*names)
+        if value is None:
+            return default
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise MeshgenError(f"{field}: {value!r} is not one of {', '.join(choices)}")
+        return value.lower()
+
+    def sub(self, name: str) -> "ConfigMap":
+        field, value = self.raw(name)
+        return ConfigMap(value, field)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One healthy sidecar of an upstream, as HAProxy dials it."""
+    address: str      # host:port, [v6]:port or unix@/path
+    weight: int
+
+    @property
+    def server_name(self) -> str:
+        return self.address.replace("[", "").replace("]", "").replace("unix@", "unix")
+
+
+@dataclass(frozen=True)
+class PassiveHealthCheck:
+    max_failures: int
+    interval_ms: int | None
+    ejection_ms: int | None
+
+
+@dataclass(frozen=True)
+class Upstream:
+    kind: str                     # service | prepared_query
+    name: str
+    datacenter: str | None
+    peer: str | None
+    bind: str                     # ip:port or a unix socket path
+    socket_mode: str | None
+    protocol: str
+    connect_timeout_ms: int
+    max_connections: int | None
+    passive_health_check: PassiveHealthCheck | None
+    advanced_check: str | None
+    instances: tuple[Instance, ...] = ()
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, self.name, self.datacenter or "", self.peer or "")
+
+    @property
+    def proxy_name(self) -> str:
+        """The frontend and backend name in haproxy.cfg: unique as Consul keeps upstreams unique."""
+        prefix = "query" if self.kind == "prepared_query" else "upstream"
+        suffix = "".join(f".{part}" for part in (self.datacenter, self.peer) if part)
+        return f"{prefix}_{self.name}{suffix}"
+
+
+@dataclass(frozen=True)
+class ExposePath:
+    listener_port: int
+    path: str
+    local_path_port: int
+    protocol: str
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """How authorize.lua asks the agent, and how long it trusts an answer."""
+    timeout_ms: int
+    cache_ttl_ms: int
+    cache_size: int
+    grace_ms: int
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    proxy_id: str
+    service: str                  # Proxy.DestinationServiceName: the leaf's and authorize's name
+    public_bind: str
+    local_app: str                # host:port or unix@/path
+    protocol: str
+    local_connect_timeout_ms: int
+    local_request_timeout_ms: int
+    local_idle_timeout_ms: int
+    max_inbound_connections: int
+    unsecured_bind: str | None
+    syslog_server: str | None
+    prometheus_bind: str | None
+    stats_bind: str | None
+    authorization: Authorization
+    upstreams: tuple[Upstream, ...]
+    expose_paths: tuple[ExposePath, ...]
+
+
+def parse_registration(reg: dict, proxy_id: str) -> Sidecar:
+    """The agent/service response of a sidecar, validated into a Sidecar without instances."""
+    if reg.get("Kind") != "connect-proxy":
+        raise MeshgenError(f"service {proxy_id!r} is not a sidecar proxy "
+                           f"(Kind is {reg.get('Kind', '')!r}, want 'connect-proxy')")
+    proxy = reg.get("Proxy")
+    if not isinstance(proxy, dict):
+        raise MeshgenError(f"service {proxy_id!r}: Proxy is missing or not an object")
+    service = check_name(proxy.get("DestinationServiceName"), "Proxy.DestinationServiceName")
+    config = ConfigMap(proxy.get("Config"), "Proxy.Config")
+    address = reg.get("Address") or ""
+    bind_field, bind_address = config.raw("bind_address")
+    bind_host = check_host(bind_address if bind_address is not None else (address or "0.0.0.0"),
+                           bind_field if bind_address is not None else "Address")
+    bind_port = check_port(config.int("bind_port", reg.get("Port")), "Port or Proxy.Config.bind_port")
+    protocol = config.choice(("protocol", "local_service_mode"), PROTOCOLS, "tcp")
+    connect_timeout = config.int("local_connect_timeout_ms", 5000)
+    unsecured = config.int("unsecured_bind_port", None)
+    upstreams = [parse_upstream(u, f"Proxy.Upstreams[{i}]")
+                 for i, u in enumerate(_list(proxy.get("Upstreams"), "Proxy.Upstreams"))]
+    return Sidecar(
+        proxy_id=check_name(reg.get("ID", proxy_id), "ID"),
+        service=service,
+        public_bind=join_host_port(bind_host, bind_port),
+        local_app=_local_app(proxy),
+        protocol=protocol,
+        local_connect_timeout_ms=connect_timeout if connect_timeout >= 1 else 5000,
+        local_request_timeout_ms=config.int("local_request_timeout_ms", 15000),
+        local_idle_timeout_ms=config.int("local_idle_timeout_ms", 300000),
+        max_inbound_connections=config.int("max_inbound_connections", 0),
+        unsecured_bind=(join_host_port(bind_host, check_port(unsecured, "Proxy.Config.unsecured_bind_port"))
+                        if unsecured is not None else None),
+        syslog_server=_syslog_server(config),
+        prometheus_bind=_optional_host_port(config, "prometheus_bind_addr", "envoy_prometheus_bind_addr"),
+        stats_bind=_optional_host_port(config, "stats_bind_addr", "envoy_stats_bind_addr"),
+        authorization=Authorization(
+            timeout_ms=config.int("authorize_timeout_ms", 2000, minimum=100),
+            cache_ttl_ms=config.int("authorize_cache_ttl_ms", 10000),
+            cache_size=config.int("authorize_cache_size", 10000, minimum=1),
+            grace_ms=config.int("authorize_grace_ms", 0)),
+        upstreams=tuple(sorted((u for u in upstreams if u is not None), key=lambda u: u.key)),
+        expose_paths=tuple(sorted(_expose_paths(proxy), key=lambda p: p.listener_port)),
+    )
+
+
+def _list(value, field: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MeshgenError(f"{field}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _local_app(proxy: dict) -> str:
+    if proxy.get("LocalServiceSocketPath"):
+        return "unix@" + check_path(proxy["LocalServiceSocketPath"], "Proxy.LocalServiceSocketPath")
+    host = check_host(proxy.get("LocalServiceAddress") or "127.0.0.1", "Proxy.LocalServiceAddress")
+    return join_host_port(host, check_port(proxy.get("LocalServicePort"), "Proxy.LocalServicePort"))
+
+
+def _syslog_server(config: ConfigMap) -> str | None:
+    """The seed's `syslog_server`: host, host:port, or a unix socket path such as /dev/log."""
+    field, value = config.raw("syslog_server")
+    if value is None:
+        return None
+    if isinstance(value, str) and value.startswith("/"):
+        return check_path(value, field)
+    if isinstance(value, str) and ":" in value.strip("[]").replace("::", ""):
+        return check_host_port(value, field)
+    return join_host_port(check_host(value, field), 514)
+
+
+def _optional_host_port(config: ConfigMap, *names: str) -> str | None:
+    field, value = config.raw(*names)
+    return None if value is None else check_host_port(value, field)
+
+
+def parse_upstream(raw, field: str) -> Upstream | None:
+    """One entry of Proxy.Upstreams; None for transparent-proxy synthetics (no port, no socket)."""
+    if not isinstance(raw, dict):
+        raise MeshgenError(f"{field}: expected an object")
+    port, socket_path = raw.get("LocalBindPort"), raw.get("LocalBindSocketPath")
+    if not port and not socket_path:
+        return None
+    kind = raw.get("DestinationType") or "service"
+    if kind not in ("service", "prepared_query"):
+        raise MeshgenError(f"{field}.DestinationType: {kind!r} is not service or prepared_query")
+    config = ConfigMap(raw.get("Config"), f"{field}.Config")
+    if socket_path:
+        bind = check_path(socket_path, f"{field}.LocalBindSocketPath")
+        mode = raw.get("LocalBindSocketMode")
+        if mode is not None and not (isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3}", mode)):
+            raise MeshgenError(f"{field}.LocalBindSocketMode: {mode!r} is not an octal mode such as 0700")
+    else:
+        bind_host = check_host(raw.get("LocalBindAddress") or "127.0.0.1", f"{field}.LocalBindAddress")
+        bind, mode = join_host_port(bind_host, check_port(port, f"{field}.LocalBindPort")), None
+    protocol = config.choice(("protocol", "destination_mode"), PROTOCOLS, "tcp")
+    check_field, advanced = config.raw("advanced_check")
+    if advanced is not None and advanced != "redis":
+        raise MeshgenError(f"{check_field}: {advanced!r} is not a known check (redis)")
+    if advanced == "redis" and protocol != "tcp":
+        raise MeshgenError(f"{check_field}: the redis check needs protocol tcp, not {protocol}")
+    max_connections = config.sub("limits").int("max_connections", None, minimum=1)
+    return Upstream(
+        kind=kind,
+        name=check_name(raw.get("DestinationName"), f"{field}.DestinationName"),
+        datacenter=check_name(raw["Datacenter"], f"{field}.Datacenter") if raw.get("Datacenter") else None,
+        peer=check_name(raw["DestinationPeer"], f"{field}.DestinationPeer") if raw.get("DestinationPeer") else None,
+        bind=bind, socket_mode=mode.lstrip("0").zfill(3) if mode else None,
+        protocol=protocol,
+        connect_timeout_ms=config.int("connect_timeout_ms", 5000, minimum=1),
+        max_connections=max_connections,
+        passive_health_check=_passive_health_check(config.sub("passive_health_check")),
+        advanced_check=advanced,
+    )
+
+
+def _passive_health_check(config: ConfigMap) -> PassiveHealthCheck | None:
+    if not config.values:
+        return None
+    interval_field, interval = config.raw("interval")
+    ejection_field, ejection = config.raw("base_ejection_time")
+    return PassiveHealthCheck(
+        max_failures=config.int("max_failures", 5, minimum=1),
+        interval_ms=None if interval is None else check_duration_ms(interval, interval_field),
+        ejection_ms=None if ejection is None else check_duration_ms(ejection, ejection_field))
+
+
+def _expose_paths(proxy: dict) -> list[ExposePath]:
+    expose = proxy.get("Expose") or {}
+    if not isinstance(expose, dict):
+        raise MeshgenError("Proxy.Expose: expected an object")
+    paths = []
+    for i, raw in enumerate(_list(expose.get("Paths"), "Proxy.Expose.Paths")):
+        field = f"Proxy.Expose.Paths[{i}]"
+        if not isinstance(raw, dict):
+            raise MeshgenError(f"{field}: expected an object")
+        path = raw.get("Path")
+        if not isinstance(path, str) or not _URL_PATH.fullmatch(path):
+            raise MeshgenError(f"{field}.Path: {path!r} is not a URL path of plain characters")
+        protocol = raw.get("Protocol") or "http"
+        if protocol not in ("http", "http2"):
+            raise MeshgenError(f"{field}.Protocol: {protocol!r} is not http or http2")
+        paths.append(ExposePath(check_port(raw.get("ListenerPort"), f"{field}.ListenerPort"), path,
+                                check_port(raw.get("LocalPathPort"), f"{field}.LocalPathPort"), protocol))
+    return paths
+
+
+def parse_instances(upstream: Upstream, entries: list) -> Upstream:
+    """Health entries to dialable instances: Service.Address, else Node.Address (BestAddress)."""
+    field = f"instances of {upstream.proxy_name}"
+    instances = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("Service"), dict):
+            raise MeshgenError(f"{field}[{i}]: expected an object with a Service")
+        svc, node = entry["Service"], entry.get("Node") if isinstance(entry.get("Node"), dict) else {}
+        if svc.get("SocketPath"):
+            address = "unix@" + check_path(svc["SocketPath"], f"{field}[{i}].Service.SocketPath")
+        else:
+            host = svc.get("Address") or node.get("Address")
+            address = join_host_port(check_host(host, f"{field}[{i}].Service.Address"),
+                                     check_port(svc.get("Port"), f"{field}[{i}].Service.Port"))
+        weights = svc.get("Weights") if isinstance(svc.get("Weights"), dict) else {}
+        weight = check_int(weights.get("Passing", 1), f"{field}[{i}].Service.Weights.Passing")
+        # HAProxy weights stop at 256; Consul's do not.
+        instances[address] = Instance(address, min(max(weight, 1), 256))
+    return dataclasses.replace(upstream, instances=tuple(instances[a] for a in sorted(instances)))
+
+
+def build_model(registration: dict, proxy_id: str, agent_data_for) -> tuple[Sidecar, AgentData]:
+    sidecar = parse_registration(registration, proxy_id)
+    data = agent_data_for(sidecar)
+    upstreams = tuple(parse_instances(u, data.instances.get(u.key, [])) for u in sidecar.upstreams)
+    return dataclasses.replace(sidecar, upstreams=upstreams), data
+
+
+# =========================================================================== certificate checks
+
+@dataclass(frozen=True)
+class Certificates:
+    roots_pem: str           # every root in Roots, then every intermediate
+    leaf_pem: str            # the leaf, its intermediates, its key
+    spiffe_id: str
+    serial: str
+    not_after: dt.datetime
+    trust_domain: str
+    root_ids: tuple[str, ...]
+    active_root_id: str
+
+
+def check_certificates(roots: dict, leaf: dict, service: str, now: dt.datetime) -> Certificates:
+    """Before anything is written: the leaf chains to a listed root, matches its key, names
+    this service, and is inside its validity window."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    if not isinstance(roots, dict) or not isinstance(roots.get("Roots"), list) or not roots["Roots"]:
+        raise MeshgenError("CA roots: the agent listed no roots")
+    if not isinstance(leaf, dict):
+        raise MeshgenError("leaf certificate: expected a JSON object")
+    root_certs, intermediates, root_pems, ids = [], [], [], []
+    for i, root in enumerate(roots["Roots"]):
+        if not isinstance(root, dict):
+            raise MeshgenError(f"CA roots: Roots[{i}] is not an object")
+        root_certs.append(_load_cert(root.get("RootCert"), f"CA roots: Roots[{i}].RootCert"))
+        root_pems.append(_pem_of(root_certs[-1]))
+        ids.append(str(root.get("ID", "")))
+        for j, pem in enumerate(_list(root.get("IntermediateCerts"), f"Roots[{i}].IntermediateCerts")):
+            intermediates.append(_load_cert(pem, f"CA roots: Roots[{i}].IntermediateCerts[{j}]"))
+    try:
+        chain = x509.load_pem_x509_certificates(str(leaf.get("CertPEM", "")).encode())
+    except ValueError:
+        raise MeshgenError("leaf certificate: CertPEM holds no PEM certificate") from None
+    cert = chain[0]
+    try:
+        key = serialization.load_pem_private_key(str(leaf.get("PrivateKeyPEM", "")).encode(), None)
+    except (ValueError, TypeError):
+        raise MeshgenError("leaf certificate: PrivateKeyPEM is not an unencrypted PEM private key") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.DER, spki)
+            != cert.public_key().public_bytes(serialization.Encoding.DER, spki)):
+        raise MeshgenError("leaf certificate: PrivateKeyPEM does not match the certificate's public key")
+    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        raise MeshgenError(f"leaf certificate: not valid now ({now:%Y-%m-%dT%H:%M:%SZ}); valid from "
+                           f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
+                           f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+    spiffe_id = _leaf_spiffe_id(cert, service, str(roots.get("TrustDomain", "")))
+    signers = intermediates + chain[1:]
+    issuer, hops = cert, 0
+    while not any(_issued_by(issuer, root, InvalidSignature) for root in root_certs):
+        issuer = next((c for c in signers if c is not issuer and _issued_by(issuer, c, InvalidSignature)), None)
+        hops += 1
+        if issuer is None or hops > 4:
+            raise MeshgenError("leaf certificate: does not chain to any root the agent listed")
+    return Certificates(
+        roots_pem="".join(root_pems + [_pem_of(c) for c in intermediates]),
+        leaf_pem="".join(_pem_of(c) for c in chain) + key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption()).decode(),
+        spiffe_id=spiffe_id,
+        serial=":".join(f"{b:02x}" for b in cert.serial_number.to_bytes(
+            (cert.serial_number.bit_length() + 7) // 8 or 1, "big")),
+        not_after=cert.not_valid_after_utc,
+        trust_domain=str(roots.get("TrustDomain", "")),
+        root_ids=tuple(ids),
+        active_root_id=str(roots.get("ActiveRootID", "")),
+    )
+
+
+def _load_cert(pem, field: str):
+    from cryptography import x509
+    try:
+        return x509.load_pem_x509_certificate(str(pem).encode())
+    except ValueError:
+        raise MeshgenError(f"{field}: not a PEM certificate") from None
+
+
+def _pem_of(cert) -> str:
+    from cryptography.hazmat.primitives import serialization
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _issued_by(cert, issuer, invalid_signature) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+        return True
+    except (ValueError, TypeError, invalid_signature):
+        return False
+
+
+def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
+    from cryptography import x509
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise MeshgenError("leaf certificate: has no subject alternative name") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise MeshgenError(f"leaf certificate: has {len(uris)} URI SANs, want exactly one SPIFFE ID")
+    parts = urlsplit(uris[0])
+    match = re.fullmatch(r"(?:/ap/[^/]+)?/ns/[^/]+/dc/[^/]+/svc/([^/]+)", parts.path)
+    if parts.scheme != "spiffe" or not match or match.group(1) != service:
+        raise MeshgenError(f"leaf certificate: SPIFFE ID {_one_line(uris[0])!r} is not one of "
+                           f"service {service!r}")
+    if trust_domain and parts.netloc != trust_domain:
+        raise MeshgenError(f"leaf certificate: trust domain {parts.netloc!r} is not the CA's "
+                           f"{trust_domain!r}")
+    return uris[0]
+
+
+# =========================================================================== render
+
+HERE = Path(__file__).resolve().parent
+TOKEN_FILE = "consul-token"
+SECRET_FILES = ("leaf.pem", TOKEN_FILE)
+
+
+def resource(relative: str) -> Path:
+    """The template and Lua script: beside this file in a checkout, under share/ when installed."""
+    for base in (HERE, Path(sys.prefix) / "share" / "meshgen"):
+        if (base / relative).is_file():
+            return base / relative
+    raise MeshgenError(f"installation is broken: {relative} not found beside {HERE} "
+                       f"or under {Path(sys.prefix) / 'share' / 'meshgen'}")
+
+
+@dataclass(frozen=True)
+class AgentAccess:
+    """How authorize.lua reaches the agent: the address meshgen used, without the token."""
+    url: str
+    dst: str | None
+    ca_file: str | None
+    verify: bool
+
+    @classmethod
+    def from_settings(cls, settings: ConsulSettings) -> "AgentAccess":
+        parts = urlsplit(settings.base_url)
+        if settings.unix_socket:
+            dst = "unix@" + check_path(settings.unix_socket, "--http-addr")
+        else:
+            host = check_host(parts.hostname, "--http-addr")
+            dst = join_host_port(host, parts.port or (443 if parts.scheme == "https" else 80))
+        prefix = parts.path.rstrip("/")
+        if prefix and not _URL_PATH.fullmatch(prefix):
+            raise MeshgenError(f"--http-addr: path prefix {prefix!r} has characters HAProxy cannot take")
+        return cls(url=f"{parts.scheme}://{parts.hostname or 'localhost'}{prefix}", dst=dst,
+                   ca_file=check_path(settings.ca_file, "--ca-file") if settings.ca_file else None,
+                   verify=settings.verify)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Every file of one HAProxy bundle, by name, as bytes."""
+    files: dict
+
+    def mode(self, name: str) -> int:
+        return 0o600 if name in SECRET_FILES else 0o644
+
+
+def render(sidecar: Sidecar, certs: Certificates, agent: AgentAccess, token: str | None,
+           out_dir: Path, admin_socket: Path) -> Bundle:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resource("templates/haproxy.cfg.j2").parent)),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
+        lstrip_blocks=True, autoescape=False)
+    config = environment.get_template("haproxy.cfg.j2").render(
+        sidecar=sidecar, certs=certs, agent=agent, with_token=token is not None,
+        live_dir=str(out_dir.resolve() / LIVE), admin_socket=str(admin_socket), token_file=TOKEN_FILE)
+    files = {"haproxy.cfg": config.encode(), "roots.pem": certs.roots_pem.encode(),
+             "leaf.pem": certs.leaf_pem.encode(),
+             "authorize.lua": resource("authorize.lua").read_bytes()}
+    if token is not None:
+        files[TOKEN_FILE] = token.encode() + b"\n"
+    return Bundle(files)
+
+
+# =========================================================================== validate
+
+def find_haproxy(haproxy: str) -> str:
+    found = shutil.which(haproxy)
+    if found is None:
+        raise MeshgenError(f"--haproxy: {haproxy!r} not found; install HAProxy, point --haproxy "
+                           "at it, or skip validation with --no-validate")
+    return found
+
+
+def validate(bundle_dir: Path, haproxy: str) -> None:
+    """`haproxy -c` on the staged bundle: the exact bytes that go live, found through the
+    MESHGEN_BUNDLE variable that the config's presetenv would otherwise point at `live`."""
+    env = dict(os.environ, MESHGEN_BUNDLE=str(bundle_dir))
+    try:
+        result = subprocess.run([haproxy, "-c", "-f", str(bundle_dir / "haproxy.cfg")],
+                                env=env, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise MeshgenError(f"haproxy -c could not run: {_one_line(str(err))}") from None
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).splitlines()
+        alerts = [line for line in output if "ALERT" in line and "Fatal errors" not in line
+                  and "Error(s) found" not in line]
+        raise MeshgenError("haproxy -c rejected the rendered config: "
+                           + _one_line((alerts or output or ["no output"])[0]))
+
+
+# =========================================================================== write
+
+LIVE = "live"
+STAGE_PREFIX = ".bundle-"
+
+
+def read_live(out_dir: Path) -> dict:
+    """The files of the bundle that is live now; {} when there is none."""
+    live = out_dir / LIVE
+    if not live.is_dir():
+        return {}
+    return {p.name: p.read_bytes() for p in sorted(live.iterdir()) if p.is_file()}
+
+
+def stage(bundle: Bundle, parent: Path) -> Path:
+    """Write the whole bundle into a new directory beside `live`, durably, modes set."""
+    directory = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=parent))
+    for name, data in sorted(bundle.files.items()):
+        path = directory / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, bundle.mode(name))
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.chmod(directory, 0o755)
+    _fsync_dir(directory)
+    return directory
+
+
+def swap_live(out_dir: Path, staged: Path) -> None:
+    """One rename makes the staged bundle live: a reader sees all of the old or all of the new."""
+    link = out_dir / f".{LIVE}.tmp"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(staged.name, link)
+    os.replace(link, out_dir / LIVE)
+    _fsync_dir(out_dir)
+
+
+def link_names(out_dir: Path, names) -> None:
+    """Stable top-level names (DIR/haproxy.cfg ...) that always resolve through `live`."""
+    for name in names:
+        path, target = out_dir / name, f"{LIVE}/{name}"
+        if path.is_symlink() and os.readlink(path) == target:
+            continue
+        tmp = out_dir / f".{name}.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, path)
+    for path in out_dir.iterdir():
+        if path.is_symlink() and path.name not in names and os.readlink(path).startswith(f"{LIVE}/"):
+            path.unlink()
+
+
+def remove_stale(out_dir: Path) -> None:
+    """Bundles no longer live: earlier ones, and stages of runs that died before their swap."""
+    live = os.readlink(out_dir / LIVE) if (out_dir / LIVE).is_symlink() else None
+    for path in out_dir.iterdir():
+        if path.name.startswith(STAGE_PREFIX) and path.name != live and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = stage(bundle, out_dir)
+    try:
+        if haproxy:
+            validate(staged, haproxy)
+    except MeshgenError:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    swap_live(out_dir, staged)
+    link_names(out_dir, sorted(bundle.files))
+    remove_stale(out_dir)
+
+
+def bundle_diff(old: dict, new: dict) -> list[str]:
+    """A unified diff of what would change; secrets are named, never shown."""
+    lines = []
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name), new.get(name)
+        if before == after:
+            continue
+        if name in SECRET_FILES or name.endswith(".pem"):
+            state = "added" if before is None else "removed" if after is None else "changed"
+            lines.append(f"--- {name}: {state} (contents not shown)\n")
+            continue
+        lines.extend(difflib.unified_diff(
+            (before or b"").decode().splitlines(keepends=True),
+            (after or b"").decode().splitlines(keepends=True),
+            fromfile=f"live/{name}", tofile=f"new/{name}"))
+    return lines
+
+
+# =========================================================================== commands, exit code
+
+def _consul_options(command):
+    options = [
+        click.option("--http-addr", envvar="CONSUL_HTTP_ADDR", default="127.0.0.1:8500", show_default=True,
+                     help="Agent address: host:port, http://, https:// or unix:///path (CONSUL_HTTP_ADDR)."),
+        click.option("--token-file", envvar="CONSUL_HTTP_TOKEN_FILE", default=None,
+                     help="File holding the ACL token (CONSUL_HTTP_TOKEN_FILE); else CONSUL_HTTP_TOKEN. "
+                          "There is no --token: argv is visible to every user."),
+        click.option("--ca-file", envvar="CONSUL_CACERT", default=None,
+                     help="CA bundle for an https agent (CONSUL_CACERT)."),
+        click.option("--client-cert", envvar="CONSUL_CLIENT_CERT", default=None,
+                     help="Client certificate for an https agent (CONSUL_CLIENT_CERT)."),
+        click.option("--client-key", envvar="CONSUL_CLIENT_KEY", default=None,
+                     help="Client key for an https agent (CONSUL_CLIENT_KEY)."),
+        click.option("--tls-server-name", envvar="CONSUL_TLS_SERVER_NAME", default=None,
+                     help="Server name to verify on an https agent (CONSUL_TLS_SERVER_NAME)."),
+        click.option("--timeout", type=float, default=10.0, show_default=True,
+                     help="Seconds each agent request may take."),
+        click.option("--namespace", envvar="CONSUL_NAMESPACE", default=None,
+                     help="Enterprise namespace; sent only when given (CONSUL_NAMESPACE)."),
+        click.option("--partition", envvar="CONSUL_PARTITION", default=None,
+                     help="Enterprise admin partition; sent only when given (CONSUL_PARTITION)."),
+        click.option("--sidecar-for", "sidecar_for", default=None,
+                     help="Service ID of the app; its sidecar is found as Consul's tools find it."),
+        click.option("--proxy-id", default=None, help="Service ID of the sidecar proxy itself."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _connect(ctx_params: dict) -> tuple[ConsulSettings, ConsulClient, str]:
+    sidecar_for, proxy_id = ctx_params.pop("sidecar_for"), ctx_params.pop("proxy_id")
+    if bool(sidecar_for) == bool(proxy_id):
+        raise click.UsageError("give exactly one of --sidecar-for and --proxy-id")
+    settings = consul_settings(**ctx_params)
+    client = ConsulClient(settings)
+    return settings, client, proxy_id or find_sidecar_id(client, sidecar_for)
+
+
+def _fetch_model(client: ConsulClient, proxy_id: str) -> tuple[Sidecar, Certificates]:
+    registration = fetch_registration(client, proxy_id)
+    sidecar, data = build_model(registration, proxy_id,
+                                lambda s: fetch_agent_data(client, s.service, s.upstreams))
+    certs = check_certificates(data.roots, data.leaf, sidecar.service, dt.datetime.now(dt.timezone.utc))
+    return sidecar, certs
+
+
+class MeshgenGroup(click.Group):
+    """Turns a MeshgenError into one line on stderr and exit 1, in this one place."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MeshgenError as err:
+            click.echo(f"meshgen: error: {_one_line(str(err), 1000)}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+@click.group(cls=MeshgenGroup, epilog=EXIT_CODES_HELP)
+def cli():
+    """Render HAProxy as a Consul Connect sidecar."""
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@_consul_options
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Bundle directory: haproxy.cfg, PEMs, authorize.lua, swapped as a whole.")
+@click.option("--haproxy", default="haproxy", show_default=True, help="HAProxy binary for `haproxy -c`.")
+@click.option("--no-validate", is_flag=True, help="Skip `haproxy -c` (not recommended).")
+@click.option("--dry-run", is_flag=True, help="Write nothing; print a diff of what would change.")
+@click.option("--admin-socket", type=click.Path(path_type=Path), default=None,
+              help="HAProxy admin socket for the runtime API  [default: OUT/admin.sock]")
+@click.pass_context
+def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run: bool,
+                   admin_socket: Path | None, **consul):
+    """Fetch the sidecar from the local agent, render, validate and swap in its bundle."""
+    haproxy_path = None if no_validate else find_haproxy(haproxy)
+    settings, client, proxy_id = _connect(consul)
+    sidecar, certs = _fetch_model(client, proxy_id)
+    admin = admin_socket or out_dir / "admin.sock"
+    bundle = render(sidecar, certs, AgentAccess.from_settings(settings), settings.token, out_dir,
+                    check_path(str(admin.resolve()), "--admin-socket"))
+    live = read_live(out_dir)
+    changed = live != bundle.files
+    if dry_run:
+        click.echo("".join(bundle_diff(live, bundle.files)), nl=False)
+        if changed and haproxy_path:
+            with tempfile.TemporaryDirectory(prefix="meshgen-dry-run-") as scratch:
+                validate(stage(bundle, Path(scratch)), haproxy_path)
+    elif changed:
+        write_bundle(out_dir, bundle, haproxy_path)
+    click.echo(f"meshgen: {proxy_id}: " + ("changed, reload HAProxy" if changed else "unchanged")
+               + (" (dry run)" if dry_run else ""), err=True)
+    ctx.exit(EXIT_CHANGED if changed else EXIT_UNCHANGED)
+
+
+cli.add_command(render_command, "render")
+
+
+@cli.command()
+@_consul_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def show(as_json: bool, **consul):
+    """Print what the agent says of a sidecar: listeners, upstreams, instances, certificates."""
+    _, client, proxy_id = _connect(consul)
+    sidecar, certs = _fetch_model(client, proxy_id)
+    summary = {
+        "proxy_id": sidecar.proxy_id, "service": sidecar.service, "protocol": sidecar.protocol,
+        "public_listener": sidecar.public_bind, "local_app": sidecar.local_app,
+        "upstreams": [{"name": u.proxy_name, "listen": u.bind, "protocol": u.protocol,
+                       "instances": [{"address": i.address, "weight": i.weight} for i in u.instances]}
+                      for u in sidecar.upstreams],
+        "leaf": {"spiffe_id": certs.spiffe_id, "serial": certs.serial,
+                 "not_after": certs.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")},
+        "roots": [{"id": r, "active": r == certs.active_root_id} for r in certs.root_ids],
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"sidecar     {summary['proxy_id']} for service {summary['service']} ({sidecar.protocol})")
+    click.echo(f"public      {sidecar.public_bind} (mutual TLS) -> local app {sidecar.local_app}")
+    click.echo(f"leaf        {certs.spiffe_id}  serial {certs.serial}  expires {summary['leaf']['not_after']}")
+    for root in summary["roots"]:
+        click.echo(f"root        {root['id']}" + ("  (active)" if root["active"] else ""))
+    for u in sidecar.upstreams:
+        click.echo(f"upstream    {u.proxy_name}  listen {u.bind}  {u.protocol}  "
+                   f"{len(u.instances)} healthy instance(s)")
+        for i in u.instances:
+            click.echo(f"  instance  {i.address}  weight {i.weight}")
+
+
+@cli.command()
+@click.argument("definition", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--haproxy", default="haproxy", show_default=True, help="HAProxy binary for `haproxy -c`.")
+@click.pass_context
+def check(ctx, definition: Path, haproxy: str):
+    """Check a service definition file offline: expand its sidecar as Consul does, render it
+    with throwaway certificates and run `haproxy -c`. Exit 0 valid, 1 invalid."""
+    haproxy_path = find_haproxy(haproxy)
+    try:
+        data = json.loads(definition.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MeshgenError(f"{definition}: not JSON ({_one_line(str(err))})") from None
+    registration = expand_definition(data, str(definition))
+    proxy_id = str(registration.get("ID", "sidecar"))
+    sidecar = parse_registration(registration, proxy_id)
+    certs = throwaway_certificates(sidecar.service)
+    with tempfile.TemporaryDirectory(prefix="meshgen-check-") as scratch:
+        bundle = render(sidecar, certs, AgentAccess("http://127.0.0.1", "127.0.0.1:8500", None, True),
+                        None, Path(scratch), Path(scratch) / "admin.sock")
+        validate(stage(bundle, Path(scratch)), haproxy_path)
+    click.echo(f"meshgen: {definition}: valid ({proxy_id}, {len(sidecar.upstreams)} upstream(s))", err=True)
+
+
+def _field(obj: dict, name: str, default=None):
+    """A field of a service definition file: Consul matches keys case-insensitively and
+    accepts snake_case for them; Config maps keep their keys as written."""
+    for key, value in obj.items():
+        if _norm(key) == _norm(name):
+            return value
+    return default
+
+
+def expand_definition(data, source: str) -> dict:
+    """A definition as users register it ({"service": {... "connect": {"sidecar_service": {}}}})
+    becomes the agent/service view of its sidecar, with the defaults of consul-api.md section 1;
+    an agent/service response is taken as it is."""
+    if isinstance(data, dict) and data.get("Kind") == "connect-proxy":
+        return data
+    service = _field(data, "service") if isinstance(data, dict) else None
+    service = service if isinstance(service, dict) else data
+    if not isinstance(service, dict):
+        raise MeshgenError(f"{source}: expected a service definition object")
+    name = check_name(_field(service, "name"), f"{source}: service.name")
+    sidecar = _field(_field(service, "connect") or {}, "sidecar_service")
+    if not isinstance(sidecar, dict):
+        raise MeshgenError(f"{source}: service.connect.sidecar_service is missing")
+    proxy = _field(sidecar, "proxy") or {}
+    upstreams = []
+    for raw in _field(proxy, "upstreams") or []:
+        upstream = {go: _field(raw, go) for go in (
+            "DestinationType", "DestinationName", "Datacenter", "DestinationPeer", "LocalBindAddress",
+            "LocalBindPort", "LocalBindSocketPath", "LocalBindSocketMode", "Config")}
+        upstreams.append({k: v for k, v in upstream.items() if v is not None})
+    expose = _field(proxy, "expose") or {}
+    paths = [{go: _field(p, go) for go in ("ListenerPort", "Path", "LocalPathPort", "Protocol")}
+             for p in _field(expose, "paths") or []]
+    service_id = _field(service, "id") or name
+    return {
+        "Kind": "connect-proxy", "ID": _field(sidecar, "id") or f"{service_id}-sidecar-proxy",
+        "Service": _field(sidecar, "name") or f"{name}-sidecar-proxy",
+        "Port": _field(sidecar, "port") or 21000,
+        "Address": _field(sidecar, "address") or _field(service, "address") or "",
+        "Proxy": {"DestinationServiceName": name, "DestinationServiceID": service_id,
+                  "LocalServiceAddress": _field(proxy, "local_service_address") or "127.0.0.1",
+                  "LocalServicePort": _field(proxy, "local_service_port") or _field(service, "port"),
+                  "LocalServiceSocketPath": _field(proxy, "local_service_socket_path"),
+                  "Config": _field(proxy, "config") or {}, "Upstreams": upstreams,
+                  "MeshGateway": {}, "Expose": {"Paths": paths} if paths else {}},
+    }
+
+
+def throwaway_certificates(service: str) -> Certificates:
+    """A CA and a leaf made on the spot, so `check` can run `haproxy -c` without Consul."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshgen check CA")])
+    spiffe_id = f"spiffe://meshgen-check.consul/ns/default/dc/dc1/svc/{service}"
+
+    def build(subject, key, is_ca, extra):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=1))
+                   .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
+        return (extra(builder) if extra else builder).sign(ca_key, hashes.SHA256())
+
+    ca = build(ca_name, ca_key, True, None)
+    leaf = build(x509.Name([]), leaf_key, False, lambda b: b.add_extension(
+        x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True))
+    key_pem = leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                     serialization.NoEncryption()).decode()
+    return Certificates(roots_pem=_pem_of(ca), leaf_pem=_pem_of(leaf) + key_pem, spiffe_id=spiffe_id,
+                        serial="01", not_after=leaf.not_valid_after_utc, trust_domain="meshgen-check.consul",
+                        root_ids=("throwaway",), active_root_id="throwaway")
+
+
+def main() -> None:
+    cli(prog_name="meshgen")
+
+
+if __name__ == "__main__":
+    main()
