@@ -572,10 +572,9 @@ class ConsulDouble:
             if name in query:
                 raise HTTPError(400, f'Invalid query parameter: "{name}" - '
                                      f'{"Namespaces" if name == "ns" else "Partitions"} are a Consul Enterprise feature')
-        for header, what in (("x-consul-namespace", "Namespaces"), ("x-consul-partition", "Partitions")):
-            if headers.get(header):
-                raise HTTPError(400, f'Invalid header: "{header.title().replace("X-Consul-", "X-Consul-")}" - '
-                                     f"{what} are a Consul Enterprise feature")
+        for header, what in (("X-Consul-Namespace", "Namespaces"), ("X-Consul-Partition", "Partitions")):
+            if headers.get(header.lower()):
+                raise HTTPError(400, f'Invalid header: "{header}" - {what} are a Consul Enterprise feature')
         if "stale" in query and "consistent" in query:
             raise HTTPError(400, "Cannot specify ?stale with ?consistent, conflicting semantics.")
         secret = _token_from(query, headers)

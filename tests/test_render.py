@@ -1,0 +1,136 @@
+"""Rendering: golden files pin the output; both HAProxy builds accept it; same input, same bytes.
+
+Set MESHGEN_UPDATE_GOLDEN=1 to rewrite the golden files after an intended change, then read the
+diff before committing it."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+import meshgen
+from conftest import ROOT
+
+DATA = ROOT / "tests" / "data"
+GOLDEN = DATA / "golden"
+AGENT = meshgen.AgentAccess("http://127.0.0.1", "127.0.0.1:8500", None, True)
+OUT = Path("/run/meshgen")
+
+EXAMPLES = {
+    # name: (registration, instances, token)
+    "seed": ("seed_registration.json", "seed_instances.json", None),
+    "full": ("full_registration.json", "full_instances.json", "a-secret-token"),
+}
+
+
+def model(name: str, shuffle: bool = False) -> meshgen.Sidecar:
+    registration_file, instances_file, _ = EXAMPLES[name]
+    registration = json.loads((DATA / registration_file).read_text())
+    by_name = json.loads((DATA / instances_file).read_text())
+    if shuffle:
+        rng = random.Random(7)
+        rng.shuffle(registration["Proxy"]["Upstreams"])
+        for entries in by_name.values():
+            rng.shuffle(entries)
+    sidecar = meshgen.parse_registration(registration, registration["ID"])
+    upstreams = tuple(meshgen.parse_instances(u, by_name.get(u.name, [])) for u in sidecar.upstreams)
+    return meshgen.dataclasses.replace(sidecar, upstreams=upstreams)
+
+
+def bundle(name: str, shuffle: bool = False) -> meshgen.Bundle:
+    sidecar = model(name, shuffle)
+    certs = meshgen.throwaway_certificates(sidecar.service)
+    return meshgen.render(sidecar, certs, AGENT, EXAMPLES[name][2], OUT, OUT / "admin.sock")
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_golden_config(name):
+    config = bundle(name).files["haproxy.cfg"].decode()
+    golden = GOLDEN / f"{name}.haproxy.cfg"
+    if os.environ.get("MESHGEN_UPDATE_GOLDEN"):
+        golden.write_text(config)
+    assert config == golden.read_text()
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_examples_pass_haproxy_check(name, haproxy, tmp_path):
+    staged = meshgen.stage(bundle(name), tmp_path)
+    meshgen.validate(staged, haproxy)
+
+
+def test_full_example_carries_every_setting():
+    config = bundle("full").files["haproxy.cfg"].decode()
+    for expected in [
+        "bind 10.0.0.10:21000 ssl crt",                        # bind_address, bind_port as string
+        "maxconn 512",                                          # max_inbound_connections
+        "timeout connect 2000ms\n    server app 127.0.0.1:8080",  # local_connect_timeout_ms
+        "timeout server 30000ms",                               # local_request_timeout_ms
+        "timeout client 120000ms",                              # local_idle_timeout_ms
+        "frontend unsecured_listener\n    bind 10.0.0.10:8081",  # unsecured_bind_port (seed)
+        "log 127.0.0.1:5514 local0",                            # syslog_server (seed)
+        "bind 127.0.0.1:9102\n    http-request use-service prometheus-exporter",
+        "bind 127.0.0.1:9103\n    stats enable",
+        "tcp-request inspect-delay 1500ms",                     # authorize_timeout_ms
+        "set-var proc.meshgen_cache_ttl_ms int(5000)",
+        "set-var proc.meshgen_cache_size int(2048)",
+        "set-var proc.meshgen_grace_ms int(30000)",
+        'set-var proc.meshgen_token_file str("${MESHGEN_BUNDLE}/consul-token")',
+        "timeout connect 3000ms",                               # upstream connect_timeout_ms
+        "frontend upstream_db\n    bind 127.0.0.1:9191\n    maxconn 100",   # Limits.MaxConnections
+        "check observe layer4 error-limit 3 on-error mark-down inter 10000ms downinter 30000ms",
+        "frontend query_geo-cache.dc2\n    bind 127.0.0.2:8181 proto h2\n    mode http\n    maxconn 50",
+        "verify required alpn h2",                              # http2 upstream
+        "option redis-check",                                   # advanced_check (seed)
+        "bind /run/web/api.sock mode 700",                      # LocalBindSocketPath + mode
+        "check observe layer7 error-limit 5 on-error mark-down inter 5000ms",
+        "frontend expose_21500\n    mode http\n    bind 10.0.0.10:21500\n    http-request deny unless { path /health }",
+        "server app 127.0.0.1:9102 proto h2",                   # Expose path over http2
+        "server 10.0.1.12:21000 10.0.1.12:21000 weight 256",   # Weights.Passing, capped
+        "server 10.0.0.13:21000 10.0.0.13:21000 weight 3",     # Node.Address fallback
+        "server fd00::14:21002 [fd00::14]:21002 weight 1",
+        "server grpc-1.internal.example:21000 grpc-1.internal.example:21000 weight 1",
+    ]:
+        assert expected in config, expected
+    assert "tproxy-synthetic" not in config
+    assert "a-secret-token" not in config
+    assert bundle("full").files["consul-token"] == b"a-secret-token\n"
+
+
+def test_upstream_without_instances_renders_a_backend_that_refuses():
+    config = bundle("full").files["haproxy.cfg"].decode()
+    backend = config.split("\nbackend upstream_api\n")[1].split("\n\n")[0]
+    assert "\n    server " not in backend
+    assert "No healthy instance" in backend
+
+
+def test_same_input_in_any_order_gives_identical_bytes():
+    first, second = bundle("full"), bundle("full", shuffle=True)
+    assert first.files["haproxy.cfg"] == second.files["haproxy.cfg"]
+
+
+def test_config_values_as_strings_or_go_field_names_mean_the_same():
+    def upstream(config):
+        return meshgen.parse_upstream({"DestinationName": "db", "LocalBindPort": 9191, "Config": config}, "u")
+
+    snake = upstream({"connect_timeout_ms": 3000, "limits": {"max_connections": 100},
+                      "passive_health_check": {"interval": "10s", "max_failures": 3}})
+    go = upstream({"ConnectTimeoutMs": "3000", "Limits": {"MaxConnections": "100"},
+                   "PassiveHealthCheck": {"Interval": 10_000_000_000, "MaxFailures": 3.0}})
+    assert snake == go
+    assert snake.passive_health_check == meshgen.PassiveHealthCheck(3, 10000, None)
+
+
+def test_consul_defaults_apply_when_config_is_empty():
+    registration = json.loads((DATA / "seed_registration.json").read_text())
+    registration["Proxy"]["Config"] = {}
+    sidecar = meshgen.parse_registration(registration, "www-sidecar-proxy")
+    assert sidecar.protocol == "tcp"
+    assert sidecar.public_bind == "0.0.0.0:21000"
+    assert sidecar.local_connect_timeout_ms == 5000
+    assert sidecar.max_inbound_connections == 0
+    assert sidecar.unsecured_bind is None and sidecar.prometheus_bind is None
+    registration["Proxy"]["Config"] = {"local_connect_timeout_ms": 0}
+    assert meshgen.parse_registration(registration, "x").local_connect_timeout_ms == 5000
