@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import difflib
+import hashlib
 import ipaddress
 import json
 import os
@@ -231,7 +232,8 @@ def find_sidecar_id(client: ConsulClient, service_id: str) -> str:
                      and svc["Proxy"].get("DestinationServiceID") == service_id)
     if not matches:
         raise MeshgenError(f"--sidecar-for {service_id}: no connect-proxy service on this agent "
-                           f"has Proxy.DestinationServiceID {service_id!r}")
+                           f"has Proxy.DestinationServiceID {service_id!r} (with ACLs on, the agent "
+                           "hides services the token cannot read: it needs service:read)")
     if len(matches) > 1:
         raise MeshgenError(f"--sidecar-for {service_id}: several sidecars front it "
                            f"({', '.join(matches)}); choose one with --proxy-id")
@@ -817,28 +819,47 @@ class AgentAccess:
 
 @dataclass(frozen=True)
 class Bundle:
-    """Every file of one HAProxy bundle, by name, as bytes."""
+    """Every file of one HAProxy bundle, by name, and the directory name it lives under."""
+    name: str
     files: dict
 
     def mode(self, name: str) -> int:
         return 0o600 if name in SECRET_FILES else 0o644
 
 
+BUNDLE_PREFIX = ".bundle-"
+
+
+def bundle_name(*material) -> str:
+    """A digest of everything a bundle is made from, template and script included: the same
+    input always gives the same name, and a config can name its own directory."""
+    digest = hashlib.sha256(repr(material).encode())
+    for path in (resource("templates/haproxy.cfg.j2"), resource("authorize.lua")):
+        digest.update(path.read_bytes())
+    return BUNDLE_PREFIX + digest.hexdigest()[:16]
+
+
 def render(sidecar: Sidecar, certs: Certificates, agent: AgentAccess, token: str | None,
            out_dir: Path, admin_socket: Path) -> Bundle:
+    name = bundle_name(sidecar, certs, agent, token, str(out_dir.resolve()), str(admin_socket))
+    return render_into(out_dir.resolve() / name, sidecar, certs, agent, token, admin_socket)
+
+
+def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, agent: AgentAccess,
+                token: str | None, admin_socket: Path) -> Bundle:
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resource("templates/haproxy.cfg.j2").parent)),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
         lstrip_blocks=True, autoescape=False)
     config = environment.get_template("haproxy.cfg.j2").render(
-        sidecar=sidecar, certs=certs, agent=agent, with_token=token is not None,
-        live_dir=str(out_dir.resolve() / LIVE), admin_socket=str(admin_socket), token_file=TOKEN_FILE)
+        sidecar=sidecar, agent=agent, with_token=token is not None, bundle=str(bundle_dir),
+        admin_socket=str(admin_socket), token_file=TOKEN_FILE)
     files = {"haproxy.cfg": config.encode(), "roots.pem": certs.roots_pem.encode(),
              "leaf.pem": certs.leaf_pem.encode(),
              "authorize.lua": resource("authorize.lua").read_bytes()}
     if token is not None:
         files[TOKEN_FILE] = token.encode() + b"\n"
-    return Bundle(files)
+    return Bundle(bundle_dir.name, files)
 
 
 # =========================================================================== validate
@@ -852,12 +873,10 @@ def find_haproxy(haproxy: str) -> str:
 
 
 def validate(bundle_dir: Path, haproxy: str) -> None:
-    """`haproxy -c` on the staged bundle: the exact bytes that go live, found through the
-    MESHGEN_BUNDLE variable that the config's presetenv would otherwise point at `live`."""
-    env = dict(os.environ, MESHGEN_BUNDLE=str(bundle_dir))
+    """`haproxy -c` on a written bundle, in the place it will run from."""
     try:
         result = subprocess.run([haproxy, "-c", "-f", str(bundle_dir / "haproxy.cfg")],
-                                env=env, capture_output=True, text=True, timeout=120)
+                                capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise MeshgenError(f"haproxy -c could not run: {_one_line(str(err))}") from None
     if result.returncode != 0:
@@ -869,42 +888,59 @@ def validate(bundle_dir: Path, haproxy: str) -> None:
 
 
 # =========================================================================== write
+#
+# DIR/
+#   .bundle-<digest>/       one complete bundle per run that changed something
+#   live -> .bundle-<digest>  swapped by one rename: the bundle HAProxy runs on
+#   haproxy.cfg -> live/haproxy.cfg, leaf.pem -> live/leaf.pem, ...  stable names
 
 LIVE = "live"
-STAGE_PREFIX = ".bundle-"
+STAGE_PREFIX = ".stage-"
 
 
-def read_live(out_dir: Path) -> dict:
-    """The files of the bundle that is live now; {} when there is none."""
-    live = out_dir / LIVE
-    if not live.is_dir():
-        return {}
-    return {p.name: p.read_bytes() for p in sorted(live.iterdir()) if p.is_file()}
+def live_bundle(out_dir: Path) -> tuple[str | None, dict]:
+    """The name and files of the bundle that is live now; (None, {}) when there is none."""
+    link = out_dir / LIVE
+    if not link.is_symlink() or not link.is_dir():
+        return None, {}
+    return os.readlink(link), {p.name: p.read_bytes() for p in sorted(link.iterdir()) if p.is_file()}
 
 
-def stage(bundle: Bundle, parent: Path) -> Path:
-    """Write the whole bundle into a new directory beside `live`, durably, modes set."""
-    directory = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=parent))
+def is_live(out_dir: Path, bundle: Bundle) -> bool:
+    return live_bundle(out_dir) == (bundle.name, bundle.files)
+
+
+def write_files(bundle: Bundle, parent: Path) -> Path:
+    """The whole bundle in a fresh directory under `parent`, durably, then renamed to its
+    name: a directory called .bundle-* is always complete."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=parent))
     for name, data in sorted(bundle.files.items()):
-        path = directory / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, bundle.mode(name))
+        fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, bundle.mode(name))
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-    os.chmod(directory, 0o755)
-    _fsync_dir(directory)
-    return directory
+    os.chmod(staging, 0o755)
+    _fsync_dir(staging)
+    final = parent / bundle.name
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    _fsync_dir(parent)
+    return final
 
 
-def swap_live(out_dir: Path, staged: Path) -> None:
-    """One rename makes the staged bundle live: a reader sees all of the old or all of the new."""
+def swap_live(out_dir: Path, bundle: Bundle) -> str | None:
+    """One rename makes the bundle live: a reader sees all of the old or all of the new.
+    Returns the bundle that was live before."""
+    previous = live_bundle(out_dir)[0]
     link = out_dir / f".{LIVE}.tmp"
     if link.is_symlink() or link.exists():
         link.unlink()
-    os.symlink(staged.name, link)
+    os.symlink(bundle.name, link)
     os.replace(link, out_dir / LIVE)
     _fsync_dir(out_dir)
+    return previous
 
 
 def link_names(out_dir: Path, names) -> None:
@@ -923,11 +959,12 @@ def link_names(out_dir: Path, names) -> None:
             path.unlink()
 
 
-def remove_stale(out_dir: Path) -> None:
-    """Bundles no longer live: earlier ones, and stages of runs that died before their swap."""
-    live = os.readlink(out_dir / LIVE) if (out_dir / LIVE).is_symlink() else None
+def remove_stale(out_dir: Path, keep: set) -> None:
+    """Bundles no longer needed, and stagings of runs that died before their rename. The
+    previous bundle is kept: an HAProxy reload that began before the swap may still read it."""
     for path in out_dir.iterdir():
-        if path.name.startswith(STAGE_PREFIX) and path.name != live and not path.is_symlink():
+        if (path.name.startswith((BUNDLE_PREFIX, STAGE_PREFIX)) and path.name not in keep
+                and not path.is_symlink()):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -941,28 +978,31 @@ def _fsync_dir(path: Path) -> None:
 
 def write_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    staged = stage(bundle, out_dir)
+    written = write_files(bundle, out_dir)
     try:
         if haproxy:
-            validate(staged, haproxy)
+            validate(written, haproxy)
     except MeshgenError:
-        shutil.rmtree(staged, ignore_errors=True)
+        if live_bundle(out_dir)[0] != bundle.name:
+            shutil.rmtree(written, ignore_errors=True)
         raise
-    swap_live(out_dir, staged)
+    previous = swap_live(out_dir, bundle)
     link_names(out_dir, sorted(bundle.files))
-    remove_stale(out_dir)
+    remove_stale(out_dir, {bundle.name, previous})
 
 
 def bundle_diff(old: dict, new: dict) -> list[str]:
-    """A unified diff of what would change; secrets are named, never shown."""
+    """A unified diff of haproxy.cfg; the other files are only named (secrets, PEMs, a script
+    that changes with meshgen itself)."""
     lines = []
     for name in sorted(set(old) | set(new)):
         before, after = old.get(name), new.get(name)
         if before == after:
             continue
-        if name in SECRET_FILES or name.endswith(".pem"):
+        if name != "haproxy.cfg":
             state = "added" if before is None else "removed" if after is None else "changed"
-            lines.append(f"--- {name}: {state} (contents not shown)\n")
+            shown = "" if name == "authorize.lua" else " (contents not shown)"
+            lines.append(f"--- {name}: {state}{shown}\n")
             continue
         lines.extend(difflib.unified_diff(
             (before or b"").decode().splitlines(keepends=True),
@@ -1050,18 +1090,20 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
                    admin_socket: Path | None, **consul):
     """Fetch the sidecar from the local agent, render, validate and swap in its bundle."""
     haproxy_path = None if no_validate else find_haproxy(haproxy)
+    check_path(str(out_dir.resolve()), "--out")
     settings, client, proxy_id = _connect(consul)
     sidecar, certs = _fetch_model(client, proxy_id)
-    admin = admin_socket or out_dir / "admin.sock"
-    bundle = render(sidecar, certs, AgentAccess.from_settings(settings), settings.token, out_dir,
-                    check_path(str(admin.resolve()), "--admin-socket"))
-    live = read_live(out_dir)
-    changed = live != bundle.files
+    admin = Path(check_path(str((admin_socket or out_dir / "admin.sock").resolve()), "--admin-socket"))
+    access = AgentAccess.from_settings(settings)
+    bundle = render(sidecar, certs, access, settings.token, out_dir, admin)
+    changed = not is_live(out_dir, bundle)
     if dry_run:
-        click.echo("".join(bundle_diff(live, bundle.files)), nl=False)
+        click.echo("".join(bundle_diff(live_bundle(out_dir)[1], bundle.files)), nl=False)
         if changed and haproxy_path:
+            # The real bundle names its final directory; check a twin rendered for a scratch one.
             with tempfile.TemporaryDirectory(prefix="meshgen-dry-run-") as scratch:
-                validate(stage(bundle, Path(scratch)), haproxy_path)
+                twin = render(sidecar, certs, access, settings.token, Path(scratch), admin)
+                validate(write_files(twin, Path(scratch)), haproxy_path)
     elif changed:
         write_bundle(out_dir, bundle, haproxy_path)
     click.echo(f"meshgen: {proxy_id}: " + ("changed, reload HAProxy" if changed else "unchanged")
@@ -1123,7 +1165,7 @@ def check(ctx, definition: Path, haproxy: str):
     with tempfile.TemporaryDirectory(prefix="meshgen-check-") as scratch:
         bundle = render(sidecar, certs, AgentAccess("http://127.0.0.1", "127.0.0.1:8500", None, True),
                         None, Path(scratch), Path(scratch) / "admin.sock")
-        validate(stage(bundle, Path(scratch)), haproxy_path)
+        validate(write_files(bundle, Path(scratch)), haproxy_path)
     click.echo(f"meshgen: {definition}: valid ({proxy_id}, {len(sidecar.upstreams)} upstream(s))", err=True)
 
 

@@ -14,6 +14,8 @@ import hashlib
 import json
 import random
 import re
+import socketserver
+import ssl
 import threading
 import time
 import uuid
@@ -252,8 +254,18 @@ class ConsulDouble:
         self._server: ThreadingHTTPServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> "ConsulDouble":
-        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
+    def start(self, host: str = "127.0.0.1", port: int = 0, unix_socket: str | None = None,
+              tls: tuple[str, str] | None = None) -> "ConsulDouble":
+        """Serve on host:port, or on a unix socket; over TLS with (certfile, keyfile)."""
+        if unix_socket:
+            self._server = _UnixHTTPServer(unix_socket, _handler_for(self))
+        else:
+            self._server = ThreadingHTTPServer((host, port), _handler_for(self))
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.scheme = "https" if tls else "http"
         self._server.daemon_threads = True
         self._server.request_queue_size = 256
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -268,12 +280,16 @@ class ConsulDouble:
 
     @property
     def address(self) -> str:
+        if isinstance(self._server, _UnixHTTPServer):
+            return self._server.server_address
         host, port = self._server.server_address[:2]
         return f"{host}:{port}"
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        if isinstance(self._server, _UnixHTTPServer):
+            return f"unix://{self.address}"
+        return f"{self.scheme}://{self.address}"
 
     def __enter__(self):
         return self.start()
@@ -874,6 +890,11 @@ def _rfc3339(when: dt.datetime) -> str:
 
 
 # --------------------------------------------------------------------------- HTTP plumbing
+
+class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
+    def get_request(self):
+        request, _ = super().get_request()
+        return request, ("local", 0)
 
 def _handler_for(agent: ConsulDouble):
     class Handler(BaseHTTPRequestHandler):

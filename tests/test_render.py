@@ -40,10 +40,14 @@ def model(name: str, shuffle: bool = False) -> meshgen.Sidecar:
     return meshgen.dataclasses.replace(sidecar, upstreams=upstreams)
 
 
-def bundle(name: str, shuffle: bool = False) -> meshgen.Bundle:
+def bundle(name: str, shuffle: bool = False, out_dir: Path | None = None) -> meshgen.Bundle:
+    """The example rendered into a fixed directory (golden files), or for real into out_dir."""
     sidecar = model(name, shuffle)
     certs = meshgen.throwaway_certificates(sidecar.service)
-    return meshgen.render(sidecar, certs, AGENT, EXAMPLES[name][2], OUT, OUT / "admin.sock")
+    if out_dir is not None:
+        return meshgen.render(sidecar, certs, AGENT, EXAMPLES[name][2], out_dir, out_dir / "admin.sock")
+    return meshgen.render_into(OUT / ".bundle-0123456789abcdef", sidecar, certs, AGENT,
+                               EXAMPLES[name][2], OUT / "admin.sock")
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -57,8 +61,7 @@ def test_golden_config(name):
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_examples_pass_haproxy_check(name, haproxy, tmp_path):
-    staged = meshgen.stage(bundle(name), tmp_path)
-    meshgen.validate(staged, haproxy)
+    meshgen.validate(meshgen.write_files(bundle(name, out_dir=tmp_path), tmp_path), haproxy)
 
 
 def test_full_example_carries_every_setting():
@@ -77,7 +80,7 @@ def test_full_example_carries_every_setting():
         "set-var proc.meshgen_cache_ttl_ms int(5000)",
         "set-var proc.meshgen_cache_size int(2048)",
         "set-var proc.meshgen_grace_ms int(30000)",
-        'set-var proc.meshgen_token_file str("${MESHGEN_BUNDLE}/consul-token")',
+        "set-var proc.meshgen_token_file str(/run/meshgen/.bundle-0123456789abcdef/consul-token)",
         "timeout connect 3000ms",                               # upstream connect_timeout_ms
         "frontend upstream_db\n    bind 127.0.0.1:9191\n    maxconn 100",   # Limits.MaxConnections
         "check observe layer4 error-limit 3 on-error mark-down inter 10000ms downinter 30000ms",
@@ -109,6 +112,18 @@ def test_upstream_without_instances_renders_a_backend_that_refuses():
 def test_same_input_in_any_order_gives_identical_bytes():
     first, second = bundle("full"), bundle("full", shuffle=True)
     assert first.files["haproxy.cfg"] == second.files["haproxy.cfg"]
+
+
+def test_bundle_name_follows_content():
+    sidecar = model("seed")
+    certs = meshgen.throwaway_certificates(sidecar.service)
+    same = [meshgen.render(sidecar, certs, AGENT, None, OUT, OUT / "admin.sock") for _ in range(2)]
+    assert same[0] == same[1]
+    other_certs = meshgen.render(sidecar, meshgen.throwaway_certificates("www"), AGENT, None, OUT,
+                                 OUT / "admin.sock")
+    with_token = meshgen.render(sidecar, certs, AGENT, "t", OUT, OUT / "admin.sock")
+    assert len({same[0].name, other_certs.name, with_token.name}) == 3
+    assert f"crt /run/meshgen/{same[0].name}/leaf.pem" in same[0].files["haproxy.cfg"].decode()
 
 
 def test_config_values_as_strings_or_go_field_names_mean_the_same():
