@@ -216,7 +216,8 @@ end
 
 core.register_action("meshgen_authorize", { "tcp-req" }, function(txn)
     -- Set before the call: if the inspect-delay runs out while the agent is silent, HAProxy
-    -- aborts this action and the connection is refused with this reason logged.
+    -- aborts this action and the connection is refused with this decision and reason logged.
+    txn:set_var("sess.meshgen_decision", "deny")
     txn:set_var("sess.meshgen_reason", "agent did not answer in time")
     local ok, allowed, reason = pcall(decide, txn)
     if not ok then allowed, reason = false, "authorize.lua error" end

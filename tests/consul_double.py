@@ -14,6 +14,7 @@ import hashlib
 import json
 import random
 import re
+import socket
 import socketserver
 import ssl
 import threading
@@ -123,13 +124,16 @@ class CertificateAuthority:
                     [x509.UniformResourceIdentifier(uri)]), critical=False)
                 .sign(signing_key, hashes.SHA256()))
 
-    def issue_leaf(self, root: CARoot, spiffe_id: str, ttl: dt.timedelta = LEAF_TTL):
-        """A leaf as Consul 1.11+ signs it; NotBefore is back-dated one minute."""
+    def issue_leaf(self, root: CARoot, *uris: str, ttl: dt.timedelta = LEAF_TTL):
+        """A leaf as Consul 1.11+ signs it, NotBefore back-dated one minute, its SAN the given
+        URIs: one SPIFFE ID for a real leaf; none or several to make the broken ones tests need."""
         signer_cert, signer_key = root.signer
         key = ec.generate_private_key(ec.SECP256R1())
         not_before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) - dt.timedelta(minutes=1)
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([])).issuer_name(signer_cert.subject)
+        # Without URIs the subject is a CN, as in Consul before 1.11: a leaf with neither is invalid.
+        subject = x509.Name([] if uris else [x509.NameAttribute(NameOID.COMMON_NAME, "legacy")])
+        builder = (x509.CertificateBuilder()
+                .subject_name(subject).issuer_name(signer_cert.subject)
                 .public_key(key.public_key()).serial_number(self.next_serial())
                 .not_valid_before(not_before).not_valid_after(not_before + ttl)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -140,11 +144,11 @@ class CertificateAuthority:
                                critical=False)
                 .add_extension(x509.SubjectKeyIdentifier(_key_id(key.public_key())), critical=False)
                 .add_extension(x509.AuthorityKeyIdentifier(_key_id(signer_key.public_key()),
-                                                           None, None), critical=False)
-                .add_extension(x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(spiffe_id)]), critical=True)
-                .sign(signer_key, hashes.SHA256()))
-        return cert, key
+                                                           None, None), critical=False))
+        if uris:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(u) for u in uris]), critical=True)
+        return builder.sign(signer_key, hashes.SHA256()), key
 
 
 # --------------------------------------------------------------------------- registrations
@@ -251,6 +255,7 @@ class ConsulDouble:
         self.requests: dict[str, int] = {}
         self.request_log: list[tuple[str, str, dict]] = []
         self.latency = 0.0
+        self.connections: set = set()
         self._server: ThreadingHTTPServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -272,9 +277,15 @@ class ConsulDouble:
         return self
 
     def stop(self) -> None:
+        """Stop as an agent does: no more accepts, and every open connection closed."""
         if self._server:
             self._server.shutdown()
             self._server.server_close()
+            for conn in list(self.connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             with self.lock:
                 self.lock.notify_all()
 
@@ -508,7 +519,7 @@ class ConsulDouble:
         return f"spiffe://{self.ca.trust_domain}/ns/default/dc/{self.datacenter}/svc/{service}"
 
     def _issue_leaf(self, service: str) -> dict:
-        cert, key = self.ca.issue_leaf(self.active_root, self.service_uri(service), self.leaf_ttl)
+        cert, key = self.ca.issue_leaf(self.active_root, self.service_uri(service), ttl=self.leaf_ttl)
         index = self._bump()
         chain = _pem(cert) + (_pem(self.active_root.intermediate) if self.active_root.intermediate else "")
         leaf = {"SerialNumber": _colon_hex(cert.serial_number.to_bytes(
@@ -521,7 +532,7 @@ class ConsulDouble:
                 "ValidAfter": _rfc3339(cert.not_valid_before_utc),
                 "ValidBefore": _rfc3339(cert.not_valid_after_utc),
                 "CreateIndex": index, "ModifyIndex": index,
-                "_root": self.active_root.id,
+                "_root": self.active_root.id, "_serial": cert.serial_number,
                 "_soft_expiry": time.time() + random.uniform(0.6, 0.9) * self.leaf_ttl.total_seconds()}
         self.leaves[service] = leaf
         return leaf
@@ -609,6 +620,7 @@ class ConsulDouble:
             (r"/v1/catalog/connect/(.*)", ("GET",), self._catalog_ep),
             (r"/v1/query/([^/]+)/execute", ("GET",), self._query_ep),
             (r"/v1/agent/self", ("GET",), self._self_ep),
+            (r"/v1/connect/intentions/exact", ("PUT", "DELETE"), self._intention_ep),
         ]
         for pattern, methods, handler in routes:
             match = re.fullmatch(pattern, path)
@@ -768,6 +780,21 @@ class ConsulDouble:
                                 "NodeID": self.node["ID"], "Version": "1.17.0"},
                      "Member": {"Name": self.node_name, "Addr": self.node["Address"]}}, {}
 
+    def _intention_ep(self, _, query, secret, body):
+        """PUT (upsert) or DELETE /v1/connect/intentions/exact?source=S&destination=D: how the
+        demo and a user flip intentions. No ACL check here (Consul wants intentions:write)."""
+        source, destination = query.get("source", ""), query.get("destination", "")
+        if not source or not destination:
+            raise HTTPError(400, "required query parameter 'source' and 'destination' not set")
+        if body:
+            action = str(_get(_decode_strict(body, ("Action", "Description", "Meta")), "Action") or "")
+            if action not in ("allow", "deny"):
+                raise HTTPError(400, f'Invalid intention: action must be "allow" or "deny", got "{action}"')
+            self.set_intention(source, destination, action)
+        else:
+            self.intentions = [i for i in self.intentions if (i[0], i[1]) != (source, destination)]
+        return 200, True, {}
+
     def _check_dc(self, query: dict) -> None:
         dc = query.get("dc")
         if dc and dc != self.datacenter and not any(
@@ -902,6 +929,14 @@ def _handler_for(agent: ConsulDouble):
 
         def log_message(self, *args):
             pass
+
+        def setup(self):
+            super().setup()
+            agent.connections.add(self.connection)
+
+        def finish(self):
+            agent.connections.discard(self.connection)
+            super().finish()
 
         def _serve(self, method: str) -> None:
             parts = urlsplit(self.path)

@@ -1,0 +1,164 @@
+"""Running a meshgen sidecar for real in tests: an echo app, HAProxy on the rendered bundle, and
+TLS clients holding whatever identity a test needs."""
+from __future__ import annotations
+
+import signal
+import socket
+import socketserver
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+import meshgen
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EchoServer(socketserver.ThreadingTCPServer):
+    """The local app: answers each line with the same line."""
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self):
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                for line in self.rfile:
+                    self.wfile.write(line)
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+def register_sidecar(double, service: str, public_port: int, app_port: int, config: dict | None = None,
+                     upstreams: list | None = None) -> str:
+    """A service and its sidecar on the double, on loopback ports the test chose."""
+    return double.register({"service": {
+        "name": service, "port": app_port, "address": "127.0.0.1",
+        "connect": {"sidecar_service": {"port": public_port, "proxy": {
+            "config": config or {}, "upstreams": upstreams or []}}}}}) + "-sidecar-proxy"
+
+
+def meshgen_render(double, proxy_id: str, out: Path, haproxy: str, *extra: str) -> int:
+    """`meshgen render` in-process: its exit code, errors through the one handler as for users."""
+    return meshgen.cli.main(["render", "--proxy-id", proxy_id, "--out", str(out), "--haproxy", haproxy,
+                             "--http-addr", double.url, "--timeout", "5", *extra],
+                            prog_name="meshgen", standalone_mode=False)
+
+
+class HAProxy:
+    """HAProxy in the foreground on a bundle; its log (stdout) goes to a file tests can read."""
+
+    def __init__(self, binary: str, config: Path, log: Path, wait_for_port: int | None = None):
+        self.log_path = log
+        self._log = open(log, "wb")
+        self.process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+        if wait_for_port:
+            wait_listening(wait_for_port, self.process)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if text in log:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in the HAProxy log:\n{self.log()[-3000:]}")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def wait_listening(port: int, process=None, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.03)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+class Identity:
+    """A client certificate and key in files, plus the CA bundle to verify servers with."""
+
+    def __init__(self, directory: Path, name: str, cert_pem: str, key_pem: str, roots_pem: str):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.cert, self.key, self.roots = (directory / f"{name}.crt", directory / f"{name}.key",
+                                           directory / f"{name}.roots")
+        self.cert.write_text(cert_pem)
+        self.key.write_text(key_pem)
+        self.roots.write_text(roots_pem)
+
+    @classmethod
+    def from_double(cls, double, directory: Path, service: str) -> "Identity":
+        leaf = {k: v for k, v in double._issue_leaf(service).items()}
+        return cls(directory, service, leaf["CertPEM"], leaf["PrivateKeyPEM"], roots_pem(double))
+
+    @classmethod
+    def custom(cls, double, directory: Path, name: str, *uris: str, root=None) -> "Identity":
+        """A leaf signed by the double's CA (or `root`) with any URIs, none, or several."""
+        cert, key = double.ca.issue_leaf(root or double.active_root, *uris)
+        return cls(directory, name, cert.public_bytes(serialization.Encoding.PEM).decode(),
+                   key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()).decode(), roots_pem(double))
+
+    def context(self, with_cert: bool = True) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False   # Consul leaves carry a URI SAN only: the chain is checked
+        context.load_verify_locations(str(self.roots))
+        if with_cert:
+            context.load_cert_chain(str(self.cert), str(self.key))
+        return context
+
+
+def roots_pem(double) -> str:
+    roots = double._roots_json()["Roots"]
+    return "".join(r["RootCert"] for r in roots) + "".join(
+        pem for r in roots for pem in (r["IntermediateCerts"] or []))
+
+
+def talk(port: int, context: ssl.SSLContext | None, payload: bytes = b"ping\n", timeout: float = 5.0):
+    """Send one line and read the answer: the echo when let in, None when refused (handshake
+    failure, reset, or the connection closed before any answer)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+            conn = context.wrap_socket(raw) if context else raw
+            conn.sendall(payload)
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer or None
+    except (ssl.SSLError, ConnectionError, socket.timeout, OSError):
+        return None

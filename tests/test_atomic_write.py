@@ -1,0 +1,96 @@
+"""Crash consistency: `meshgen render` killed with SIGKILL at random points of its run, many
+times, while a reader keeps loading the bundle the way HAProxy does. Every read finds one run's
+complete set, and the next run cleans up what the killed ones left."""
+from __future__ import annotations
+
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cryptography import x509
+
+from conftest import ROOT, agent_env
+
+KILLS = 80
+
+
+def read_like_haproxy(out: Path):
+    """haproxy.cfg through the stable name, then the files at the paths it pins."""
+    config = (out / "haproxy.cfg").read_text()
+    bundle = re.search(r"crt (\S+)/leaf\.pem", config).group(1)
+    leaf = x509.load_pem_x509_certificate(Path(bundle, "leaf.pem").read_bytes())
+    Path(bundle, "roots.pem").read_bytes()
+    Path(bundle, "authorize.lua").read_bytes()
+    maxconn = int(re.search(r"maxconn (\d+)", config).group(1))
+    return maxconn, leaf.serial_number
+
+
+def test_killed_renders_never_leave_a_mixed_or_partial_bundle(seeded_double, any_haproxy, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--sidecar-for", "www",
+               "--out", str(out), "--haproxy", any_haproxy]
+    env = agent_env(seeded_double)
+    generations = {}   # maxconn -> leaf serial: what one complete run of that generation holds
+
+    def next_generation(n: int) -> None:
+        seeded_double.update_service("www-sidecar-proxy",
+                                     lambda s: s["Proxy"]["Config"].update(max_inbound_connections=n))
+        seeded_double.renew_leaf("www")
+        generations[n] = seeded_double.leaves["www"]["_serial"]
+
+    next_generation(1)
+    durations = []
+    for _ in range(3):
+        start = time.monotonic()
+        subprocess.run(command, env=env, check=False, capture_output=True)
+        durations.append(time.monotonic() - start)
+    full_run = sorted(durations)[1]
+
+    bad_reads, reads = [], [0]
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                maxconn, serial = read_like_haproxy(out)
+            except FileNotFoundError as err:
+                bad_reads.append(f"missing file: {err}")
+                continue
+            reads[0] += 1
+            if generations.get(maxconn) != serial:
+                bad_reads.append(f"mixed: maxconn {maxconn} with leaf serial {serial}")
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    rng = random.Random(2026)
+    killed_after_writing = 0
+    try:
+        for n in range(2, KILLS + 2):
+            next_generation(n)
+            before = read_like_haproxy(out)
+            entries_before = set(out.iterdir())
+            process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.5, 1.05) * full_run)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            after = read_like_haproxy(out)
+            assert after in (before, (n, generations[n]))
+            started_writing = bool(set(out.iterdir()) - entries_before) or after != before
+            killed_after_writing += started_writing and process.returncode == -signal.SIGKILL
+    finally:
+        stop.set()
+        thread.join()
+    assert bad_reads == []
+    assert reads[0] > KILLS
+    # The kills must have landed inside the write for the test to mean anything.
+    assert killed_after_writing >= KILLS // 4
+    final = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert final.returncode in (0, 3), final.stderr
+    assert read_like_haproxy(out) == (KILLS + 1, generations[KILLS + 1])
+    assert not [p for p in out.iterdir() if p.name.startswith(".stage-")]
+    assert len([p for p in out.iterdir() if p.name.startswith(".bundle-")]) <= 2
