@@ -2,6 +2,7 @@
 Every case that must be refused is checked by a byte failing to come back, and the log's reason."""
 from __future__ import annotations
 
+import http.client
 import statistics
 import threading
 import time
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import DoubleAgent
-from harness import (EchoServer, HAProxy, Identity, free_port, meshgen_render, register_sidecar,
-                     talk)
+from harness import (EchoServer, HAProxy, HttpApp, Identity, free_port, meshgen_render,
+                     register_sidecar, talk)
 
 
 @dataclass
@@ -29,12 +30,14 @@ class Sidecar:
 
 @pytest.fixture
 def start_sidecar(double, haproxy, tmp_path):
-    """Starts the `web` sidecar under HAProxy with the given Config; stops everything after."""
-    started, echo = [], EchoServer()
+    """Starts the `web` sidecar under HAProxy with the given Config, in front of an echo app
+    (tcp) or an HTTP app; stops everything after."""
+    started, echo, http_app = [], EchoServer(), HttpApp()
 
     def start(config: dict | None = None, lua: str | None = None) -> Sidecar:
         port = free_port()
-        proxy_id = register_sidecar(double, "web", port, echo.port,
+        app = http_app if (config or {}).get("protocol") == "http" else echo
+        proxy_id = register_sidecar(double, "web", port, app.port,
                                     {"authorize_timeout_ms": 1000, **(config or {})})
         out = tmp_path / "out"
         assert meshgen_render(double, proxy_id, out, haproxy) == 3
@@ -48,6 +51,7 @@ def start_sidecar(double, haproxy, tmp_path):
     for process in started:
         process.stop()
     echo.close()
+    http_app.close()
 
 
 def test_allowed_identity_reaches_the_app(start_sidecar):
@@ -169,6 +173,25 @@ def test_the_token_comes_from_the_bundle_file(double, start_sidecar):
     assert authorize_calls and all(entry[2].get("_token") == token for entry in authorize_calls)
     assert token not in (sidecar.out / "haproxy.cfg").read_text()
     assert token not in sidecar.haproxy.log()
+
+
+def test_http_mode_authorizes_once_per_connection(start_sidecar):
+    sidecar = start_sidecar({"protocol": "http", "authorize_cache_ttl_ms": 0})
+    sidecar.double.set_intention("api", "web", "allow")
+    context = sidecar.identity("api").context()
+    for connection_number in (1, 2):
+        connection = http.client.HTTPSConnection("127.0.0.1", sidecar.port, context=context, timeout=5)
+        for i in range(5):
+            connection.request("GET", f"/request/{i}")
+            response = connection.getresponse()
+            assert (response.status, response.read()) == (200, f"/request/{i}".encode())
+        connection.close()
+        assert sidecar.double.count("/v1/agent/connect/authorize") == connection_number
+    sidecar.double.set_intention("api", "web", "deny")
+    refused = http.client.HTTPSConnection("127.0.0.1", sidecar.port, context=context, timeout=5)
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        refused.request("GET", "/")
+        refused.getresponse()
 
 
 def _latencies(port: int, context, seconds: float) -> list[float]:
