@@ -932,6 +932,10 @@ def _handler_for(agent: ConsulDouble):
 
         def setup(self):
             super().setup()
+            # Go's net/http sets TCP_NODELAY; without it headers and body sent apart meet the
+            # client's delayed ACK and every keep-alive response waits ~40 ms.
+            if self.connection.family in (socket.AF_INET, socket.AF_INET6):
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             agent.connections.add(self.connection)
 
         def finish(self):
