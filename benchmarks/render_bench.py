@@ -90,9 +90,11 @@ def scale(sizes: list[int], instances: int, latency_ms: float, haproxy: str) -> 
         double.stop()
         rows.append((size, no_validate))
         print(f"{size:>9} {no_validate:>9.2f} {validated:>15.2f} {rss:>9} {no_validate / size * 100:>10.3f}")
-    (small, t_small), (large, t_large) = rows[0], rows[-1]
-    print(f"growth {small} -> {large} upstreams: time x{t_large / t_small:.2f} for size x{large / small:.0f}"
-          f" (linear would be x{large / small:.0f}; fixed start-up cost pulls it below)")
+    sizes_, times = [r[0] for r in rows], [r[1] for r in rows]
+    slope, intercept = statistics.linear_regression(sizes_, times)
+    worst = max(abs(t - (intercept + slope * n)) / t for n, t in rows)
+    print(f"linear fit: {intercept:.2f} s + {slope * 1000:.2f} ms per upstream; "
+          f"largest deviation from the line {worst:.0%}")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 TLS clients holding whatever identity a test needs."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import socketserver
@@ -93,10 +94,14 @@ def meshgen_render(double, proxy_id: str, out: Path, haproxy: str, *extra: str) 
 class HAProxy:
     """HAProxy in the foreground on a bundle; its log (stdout) goes to a file tests can read."""
 
-    def __init__(self, binary: str, config: Path, log: Path, wait_for_port: int | None = None):
+    def __init__(self, binary: str, config: Path, log: Path, wait_for_port: int | None = None,
+                 one_thread: bool = False):
         self.log_path = log
         self._log = open(log, "wb")
-        self.process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=self._log,
+        # HAProxy starts a thread per CPU it may run on: pinned to one CPU, it runs one thread,
+        # and so one Lua state and one decision cache.
+        pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if one_thread else []
+        self.process = subprocess.Popen([*pin, binary, "-db", "-f", str(config)], stdout=self._log,
                                         stderr=subprocess.STDOUT)
         if wait_for_port:
             wait_listening(wait_for_port, self.process)

@@ -34,7 +34,7 @@ def start_sidecar(double, haproxy, tmp_path):
     (tcp) or an HTTP app; stops everything after."""
     started, echo, http_app = [], EchoServer(), HttpApp()
 
-    def start(config: dict | None = None, lua: str | None = None) -> Sidecar:
+    def start(config: dict | None = None, lua: str | None = None, one_thread: bool = False) -> Sidecar:
         port = free_port()
         app = http_app if (config or {}).get("protocol") == "http" else echo
         proxy_id = register_sidecar(double, "web", port, app.port,
@@ -43,7 +43,8 @@ def start_sidecar(double, haproxy, tmp_path):
         assert meshgen_render(double, proxy_id, out, haproxy) == 3
         if lua is not None:   # a variant of the script, to show what a test can tell apart
             (out / "live" / "authorize.lua").write_text(lua)
-        process = HAProxy(haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=port)
+        process = HAProxy(haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=port,
+                          one_thread=one_thread)
         started.append(process)
         return Sidecar(double, port, process, out, tmp_path / "ids")
 
@@ -133,7 +134,7 @@ def test_intention_flip_takes_effect_within_the_cache_ttl(start_sidecar):
 
 
 def test_cache_answers_without_the_agent_and_grace_covers_an_outage(start_sidecar):
-    sidecar = start_sidecar({"authorize_cache_ttl_ms": 60000})
+    sidecar = start_sidecar({"authorize_cache_ttl_ms": 60000}, one_thread=True)
     double = sidecar.double
     double.set_intention("api", "web", "allow")
     client = sidecar.identity("api").context()
@@ -144,7 +145,7 @@ def test_cache_answers_without_the_agent_and_grace_covers_an_outage(start_sideca
 
 
 def test_grace_reuses_a_recent_allow_while_the_agent_is_down(start_sidecar):
-    sidecar = start_sidecar({"authorize_cache_ttl_ms": 200, "authorize_grace_ms": 60000})
+    sidecar = start_sidecar({"authorize_cache_ttl_ms": 200, "authorize_grace_ms": 60000}, one_thread=True)
     double = sidecar.double
     double.set_intention("api", "web", "allow")
     double.set_intention("other", "web", "allow")
@@ -157,16 +158,12 @@ def test_grace_reuses_a_recent_allow_while_the_agent_is_down(start_sidecar):
     assert "grace (agent answered 500)" in sidecar.haproxy.wait_for_log("grace")
 
 
-def test_the_token_comes_from_the_bundle_file(double, start_sidecar):
+def test_the_token_comes_from_the_bundle_file(double, start_sidecar, monkeypatch):
     token = "0b6b3c36-1d1f-4c2e-9a55-authz-token"
     double.enable_acls("deny")
     double.add_token({"service_prefix:": "write"}, secret=token)
-    import os
-    os.environ["CONSUL_HTTP_TOKEN"] = token
-    try:
-        sidecar = start_sidecar()
-    finally:
-        del os.environ["CONSUL_HTTP_TOKEN"]
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", token)
+    sidecar = start_sidecar()
     double.set_intention("api", "web", "allow")
     assert talk(sidecar.port, sidecar.identity("api").context()) == b"ping\n"
     authorize_calls = [entry for entry in double.request_log if entry[1] == "/v1/agent/connect/authorize"]
@@ -220,15 +217,17 @@ def blocking_variant() -> str:
 
 
 def p99(samples: list[float]) -> float:
-    return statistics.quantiles(samples, n=100)[98]
+    """A blocked HAProxy may leave a single sample in the window: then that one is the tail."""
+    return statistics.quantiles(samples, n=100)[98] if len(samples) > 1 else max(samples)
 
 
 @pytest.mark.parametrize("blocking", [False, True], ids=["authorize.lua", "blocking variant"])
 def test_a_slow_agent_delays_only_the_connection_that_waits_on_it(start_sidecar, blocking):
     """Connections of a cached identity keep their latency while other identities' checks wait
-    1 s on the agent. The blocking variant shows that this test tells the two apart."""
+    1 s on the agent. The blocking variant shows that this test tells the two apart. HAProxy
+    runs one thread here: no second thread can hide a blocked one."""
     sidecar = start_sidecar({"authorize_cache_ttl_ms": 60000, "authorize_timeout_ms": 3000},
-                            lua=blocking_variant() if blocking else None)
+                            lua=blocking_variant() if blocking else None, one_thread=True)
     double = sidecar.double
     double.set_intention("*", "web", "allow")
     fast = sidecar.identity("api").context()
