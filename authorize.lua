@@ -203,6 +203,10 @@ local function decide(txn)
     if cached and now() - cached.at < settings.ttl then
         return cached.allowed, "cached: " .. cached.reason
     end
+    -- Set before the call: if the inspect-delay runs out while the agent is silent, HAProxy
+    -- aborts this action and the connection is refused with this decision and reason logged.
+    txn:set_var("sess.meshgen_decision", "deny")
+    txn:set_var("sess.meshgen_reason", "agent did not answer in time")
     local allowed, reason = ask_agent(uri, serial)
     if allowed == nil then
         if cached and cached.allowed and now() - cached.at < settings.ttl + settings.grace then
@@ -215,10 +219,6 @@ local function decide(txn)
 end
 
 core.register_action("meshgen_authorize", { "tcp-req" }, function(txn)
-    -- Set before the call: if the inspect-delay runs out while the agent is silent, HAProxy
-    -- aborts this action and the connection is refused with this decision and reason logged.
-    txn:set_var("sess.meshgen_decision", "deny")
-    txn:set_var("sess.meshgen_reason", "agent did not answer in time")
     local ok, allowed, reason = pcall(decide, txn)
     if not ok then allowed, reason = false, "authorize.lua error" end
     txn:set_var("sess.meshgen_reason", reason or "")

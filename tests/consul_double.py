@@ -17,6 +17,7 @@ import re
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -246,6 +247,9 @@ class ConsulDouble:
         self.services: dict[str, dict] = {}       # agent-local services by ID
         self.instances: dict[str, list[Instance]] = {}   # health/connect by destination name
         self.health_index: dict[str, int] = {}
+        # Encoded health answers: a real agent answers in well under a millisecond, and
+        # benchmarks should measure meshgen, not this double's JSON encoder.
+        self.health_bodies: dict[tuple, bytes] = {}
         self.queries: dict[str, str] = {}          # prepared query name -> service name
         self.intentions: list[tuple[str, str, str, bool]] = []
         self.default_intention_policy: str | None = None
@@ -265,7 +269,7 @@ class ConsulDouble:
         if unix_socket:
             self._server = _UnixHTTPServer(unix_socket, _handler_for(self))
         else:
-            self._server = ThreadingHTTPServer((host, port), _handler_for(self))
+            self._server = _TCPHTTPServer((host, port), _handler_for(self))
         if tls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*tls)
@@ -315,6 +319,10 @@ class ConsulDouble:
 
     def _changed(self) -> None:
         self.lock.notify_all()
+
+    def _health_changed(self, name: str, index: int) -> None:
+        self.health_index[name] = index
+        self.health_bodies = {k: v for k, v in self.health_bodies.items() if k[0] != name}
 
     def register(self, definition: dict) -> str:
         """Register a service as `consul services register` does, in the seed's shape
@@ -372,7 +380,7 @@ class ConsulDouble:
                        or i.node["Node"] != self.node_name]
             entries.append(self._instance(service, self.node, "passing"))
             self.instances[dest] = entries
-            self.health_index[dest] = self._bump()
+            self._health_changed(dest, self._bump())
 
     def _instance(self, agent_service: dict, node: dict, status: str) -> Instance:
         index = self._bump()
@@ -405,7 +413,7 @@ class ConsulDouble:
                 dest = service["Proxy"]["DestinationServiceName"]
                 self.instances[dest] = [i for i in self.instances.get(dest, [])
                                         if not (i.service["ID"] == service_id and i.node["Node"] == self.node_name)]
-                self.health_index[dest] = self._bump()
+                self._health_changed(dest, self._bump())
             self._changed()
 
     def update_service(self, service_id: str, mutate) -> None:
@@ -433,7 +441,7 @@ class ConsulDouble:
                              "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 1,
                              "MeshGateway": {}, "Expose": {}}}
             self.instances.setdefault(destination, []).append(self._instance(svc, node_obj, status))
-            self.health_index[destination] = self._bump()
+            self._health_changed(destination, self._bump())
             self._changed()
             return sid
 
@@ -443,19 +451,19 @@ class ConsulDouble:
                 if inst.service["ID"] == service_id:
                     inst.checks[1]["Status"] = status
                     inst.checks[1]["ModifyIndex"] = self._bump()
-            self.health_index[destination] = self.raft_index
+            self._health_changed(destination, self.raft_index)
             self._changed()
 
     def remove_instances(self, destination: str) -> None:
         with self.lock:
             self.instances[destination] = []
-            self.health_index[destination] = self._bump()
+            self._health_changed(destination, self._bump())
             self._changed()
 
     def reset_health_index(self, destination: str, index: int) -> None:
         """Make an index go backwards, as after a snapshot restore (section 7)."""
         with self.lock:
-            self.health_index[destination] = index
+            self._health_changed(destination, index)
             self._changed()
 
     def add_prepared_query(self, name: str, service: str) -> None:
@@ -489,12 +497,16 @@ class ConsulDouble:
             self.intentions.append((source, destination, action, l7))
 
     def enable_acls(self, default_policy: str = "deny") -> None:
-        self.acl_enabled, self.acl_default_policy = True, default_policy
+        with self.lock:
+            self.acl_enabled, self.acl_default_policy = True, default_policy
+            self.health_bodies.clear()
 
     def add_token(self, rules: dict, secret: str | None = None) -> str:
-        token = Token(secret or str(uuid.uuid4()), str(uuid.uuid4()), rules)
-        self.tokens[token.secret] = token
-        return token.secret
+        with self.lock:
+            token = Token(secret or str(uuid.uuid4()), str(uuid.uuid4()), rules)
+            self.tokens[token.secret] = token
+            self.health_bodies.clear()
+            return token.secret
 
     def inject(self, path_prefix: str, *, status: int | None = None, body: bytes | str | None = None,
                delay: float = 0.0, drop: bool = False, times: int | None = None) -> None:
@@ -740,7 +752,10 @@ class ConsulDouble:
         self._check_dc(query)
         _parse_passing(query)
         self._block(lambda: self.health_index.get(name, 1), query)
-        return 200, self._health_entries(name, query, secret), _meta(self.health_index.get(name, 1))
+        key = (name, query.get("dc"), _parse_passing(query), secret, "pretty" in query)
+        if key not in self.health_bodies:
+            self.health_bodies[key] = _encode(self._health_entries(name, query, secret), "pretty" in query)
+        return 200, self.health_bodies[key], _meta(self.health_index.get(name, 1))
 
     def _catalog_ep(self, name, query, secret, body):
         if not name:
@@ -904,6 +919,13 @@ def _content_hash(service: dict) -> str:
     return format(int.from_bytes(hashlib.sha256(material).digest()[:8], "big"), "x")
 
 
+def _encode(payload, pretty: bool) -> bytes:
+    """Compact JSON without a newline, or ?pretty: 4-space indents and a newline (section 0.1)."""
+    if pretty:
+        return json.dumps(payload, indent=4).encode() + b"\n"
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
 def _meta(index: int, cache: bool = False) -> dict:
     headers = {"X-Consul-Index": str(max(1, index)), "X-Consul-KnownLeader": "true",
                "X-Consul-LastContact": "0"}
@@ -918,7 +940,19 @@ def _rfc3339(when: dt.datetime) -> str:
 
 # --------------------------------------------------------------------------- HTTP plumbing
 
-class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
+class _QuietErrors:
+    """A client that hangs up mid-request (HAProxy stopping, a test ending) is not an error."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
+class _TCPHTTPServer(_QuietErrors, ThreadingHTTPServer):
+    pass
+
+
+class _UnixHTTPServer(_QuietErrors, socketserver.ThreadingUnixStreamServer):
     def get_request(self):
         request, _ = super().get_request()
         return request, ("local", 0)
@@ -974,9 +1008,7 @@ def _handler_for(agent: ConsulDouble):
                 return
             try:
                 status, payload, extra = agent.handle(method, parts.path, query, headers, body)
-                data = json.dumps(payload, separators=(",", ":")).encode()
-                if "pretty" in query:
-                    data = json.dumps(payload, indent=4).encode() + b"\n"
+                data = payload if isinstance(payload, bytes) else _encode(payload, "pretty" in query)
                 self._send(status, data, "application/json", extra)
             except HTTPError as err:
                 self._send(err.status, err.body.encode(), "text/plain; charset=utf-8", err.headers)

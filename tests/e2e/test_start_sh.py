@@ -1,0 +1,131 @@
+"""start.sh for real: meshgen, HAProxy master-worker, the agent double, under the shells of the
+Debian (dash) and Alpine (busybox ash) images."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, DoubleAgent
+from harness import EchoServer, Identity, free_port, register_sidecar, talk, wait_listening
+
+SHELLS = {"dash": ["dash"], "busybox-ash": ["busybox", "sh"], "bash": ["bash"]}
+
+
+@pytest.fixture(params=sorted(SHELLS))
+def shell(request):
+    if shutil.which(SHELLS[request.param][0]) is None:
+        pytest.skip(f"{request.param} is not installed (.ci/run installs it)")
+    return SHELLS[request.param]
+
+
+class StartSh:
+    def __init__(self, shell: list[str], double, haproxy: str, out: Path, log: Path, **env):
+        self.log_path, self.out = log, out
+        environment = dict(os.environ, MESHGEN_SERVICE_ID="web", MESHGEN_OUT=str(out),
+                           MESHGEN_INTERVAL="0.3", MESHGEN_BACKOFF_MAX="2", MESHGEN_STOP_GRACE="3",
+                           MESHGEN_HAPROXY=haproxy, MESHGEN=f"{sys.executable} {ROOT / 'meshgen.py'}",
+                           CONSUL_HTTP_ADDR=double.url, **env)
+        self._log = open(log, "wb")
+        self.process = subprocess.Popen([*shell, str(ROOT / "start.sh")], env=environment,
+                                        stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(re.findall(pattern, self.log())) >= count:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} x{count} not in start.sh's log:\n{self.log()[-4000:]}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def haproxy_processes(config_dir: Path) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if "haproxy" in line and str(config_dir) in line]
+
+
+@pytest.fixture
+def mesh(double, any_haproxy, tmp_path):
+    echo = EchoServer()
+    port = free_port()
+    register_sidecar(double, "web", port, echo.port)
+    double.set_intention("api", "web", "allow")
+    started = []
+
+    def start(shell, **env):
+        script = StartSh(shell, double, any_haproxy, tmp_path / "out", tmp_path / "start.log", **env)
+        started.append(script)
+        return script
+
+    yield start, port, Identity.from_double(double, tmp_path / "ids", "api").context()
+    for script in started:
+        script.stop()
+    echo.close()
+
+
+def test_renders_starts_haproxy_reloads_on_change_and_stops_cleanly(shell, mesh, double, tmp_path):
+    start, port, client = mesh
+    script = start(shell)
+    wait_listening(port, script.process)
+    assert talk(port, client) == b"ping\n"
+    extra = free_port()
+    double.update_service("web-sidecar-proxy",
+                          lambda s: s["Proxy"].setdefault("Config", {}).update(unsecured_bind_port=extra))
+    script.wait_for_log("the bundle changed: reloading HAProxy")
+    wait_listening(extra, script.process)
+    assert talk(extra, None) == b"ping\n"
+    assert talk(port, client) == b"ping\n"
+    assert script.stop() == 0
+    assert "SIGTERM: stopping" in script.log() and "stopped" in script.log()
+    assert haproxy_processes(tmp_path / "out") == []
+
+
+def test_agent_down_then_back_is_picked_up_without_a_restart(shell, mesh, double):
+    start, port, client = mesh
+    double.stop()
+    script = start(shell)
+    script.wait_for_log("render failed; HAProxy keeps its last good config; next try in 2s")
+    waits = [int(n) for n in re.findall(r"next try in (\d+)s", script.log())]
+    assert waits[:3] == [1, 2, 2]                  # backs off, capped by MESHGEN_BACKOFF_MAX
+    double.start(port=int(double.address.split(":")[1]))
+    wait_listening(port, script.process, timeout=20)
+    assert talk(port, client) == b"ping\n"
+    double.stop()                                  # down again while HAProxy runs
+    failures = script.log().count("render failed")
+    script.wait_for_log("render failed", count=failures + 2)
+    assert script.process.poll() is None
+    unchanged = script.log().count(": unchanged")
+    double.start(port=int(double.address.split(":")[1]))
+    script.wait_for_log(": unchanged", count=unchanged + 1)
+    assert talk(port, client) == b"ping\n"
+    assert "starting HAProxy" in script.log() and script.log().count("starting HAProxy") == 1
+    assert script.stop() == 0
+
+
+def test_without_a_service_id_it_stops_at_once(shell, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MESHGEN_SERVICE_ID"}
+    result = subprocess.run([*shell, str(ROOT / "start.sh")], env=env, capture_output=True, text=True,
+                            timeout=10)
+    assert result.returncode != 0
+    assert "set MESHGEN_SERVICE_ID" in result.stderr
