@@ -15,7 +15,7 @@
 #   CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN_FILE, CONSUL_CACERT, ...  read by meshgen itself
 set -u
 
-service_id=${MESHGEN_SERVICE_ID:?set MESHGEN_SERVICE_ID to the app's service ID in Consul}
+service_id=${MESHGEN_SERVICE_ID:?set MESHGEN_SERVICE_ID to the service ID of the app in Consul}
 out=${MESHGEN_OUT:-/var/lib/meshgen}
 interval=${MESHGEN_INTERVAL:-10}
 backoff_max=${MESHGEN_BACKOFF_MAX:-60}

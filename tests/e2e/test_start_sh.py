@@ -105,7 +105,7 @@ def test_agent_down_then_back_is_picked_up_without_a_restart(shell, mesh, double
     start, port, client = mesh
     double.stop()
     script = start(shell)
-    script.wait_for_log("render failed; HAProxy keeps its last good config; next try in 2s")
+    script.wait_for_log("render failed; HAProxy keeps its last good config; next try in 2s", count=2)
     waits = [int(n) for n in re.findall(r"next try in (\d+)s", script.log())]
     assert waits[:3] == [1, 2, 2]                  # backs off, capped by MESHGEN_BACKOFF_MAX
     double.start(port=int(double.address.split(":")[1]))
