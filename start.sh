@@ -12,6 +12,9 @@
 #   MESHGEN_STOP_GRACE   seconds open connections get on SIGTERM           (10)
 #   MESHGEN_HAPROXY      the HAProxy binary                                (haproxy)
 #   MESHGEN              the meshgen command, arguments allowed            (meshgen)
+#   MESHGEN_CONSUL_AGENT_ARGS  when set, start `consul agent` with these arguments first, as the
+#                        seed's container did; it is stopped last. CONSUL_LOCAL_CONFIG, if set, is
+#                        given to it as a config file, as the official Consul image does.
 #   CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN_FILE, CONSUL_CACERT, ...  read by meshgen itself
 set -u
 
@@ -25,6 +28,7 @@ meshgen=${MESHGEN:-meshgen}
 
 haproxy_pid=
 app_pid=
+consul_pid=
 sleep_pid=
 
 log() {
@@ -51,6 +55,10 @@ shutdown() {
         wait "$app_pid" 2>/dev/null
     fi
     stop_haproxy
+    if [ -n "$consul_pid" ]; then
+        kill -TERM "$consul_pid" 2>/dev/null
+        wait "$consul_pid" 2>/dev/null
+    fi
     log "stopped"
     exit "${2:-0}"
 }
@@ -72,6 +80,19 @@ start_haproxy() {
     haproxy_pid=$!
 }
 
+if [ -n "${MESHGEN_CONSUL_AGENT_ARGS:-}" ]; then
+    agent_args=$MESHGEN_CONSUL_AGENT_ARGS
+    if [ -n "${CONSUL_LOCAL_CONFIG:-}" ]; then
+        # It may hold tokens: a private file, never an argument.
+        local_config=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/consul-local.XXXXXX")/local.json
+        (umask 077 && printf '%s\n' "$CONSUL_LOCAL_CONFIG" >"$local_config")
+        agent_args="$agent_args -config-file=$local_config"
+    fi
+    log "starting the local Consul agent: consul agent $agent_args"
+    # shellcheck disable=SC2086
+    consul agent $agent_args &
+    consul_pid=$!
+fi
 if [ "$#" -gt 0 ]; then
     log "starting the app: $*"
     "$@" &
@@ -116,6 +137,10 @@ while :; do
     if [ -n "$app_pid" ] && ! kill -0 "$app_pid" 2>/dev/null; then
         app_pid=
         shutdown "the app exited" 1
+    fi
+    if [ -n "$consul_pid" ] && ! kill -0 "$consul_pid" 2>/dev/null; then
+        consul_pid=
+        shutdown "the Consul agent exited" 1
     fi
     pause "$delay"
 done

@@ -129,3 +129,33 @@ def test_without_a_service_id_it_stops_at_once(shell, tmp_path):
                             timeout=10)
     assert result.returncode != 0
     assert "set MESHGEN_SERVICE_ID" in result.stderr
+
+
+def test_starts_and_stops_the_local_consul_agent(shell, mesh, tmp_path):
+    """The seed's container ran its own agent: a stand-in `consul` records how it is run."""
+    start, port, client = mesh
+    bin_dir, record = tmp_path / "bin", tmp_path / "consul-record"
+    bin_dir.mkdir()
+    fake = bin_dir / "consul"
+    fake.write_text(f"""#!/bin/sh
+echo "args: $*" >> {record}
+for arg in "$@"; do
+    case $arg in -config-file=*) cat "${{arg#-config-file=}}" >> {record}
+        stat -c '%a' "${{arg#-config-file=}}" >> {record};; esac
+done
+trap 'echo "got TERM" >> {record}; exit 0' TERM
+while :; do sleep 0.1; done
+""")
+    fake.chmod(0o755)
+    local_config = '{"acl": {"tokens": {"agent": "agent-secret-token"}}}'
+    script = start(shell, PATH=f"{bin_dir}:{os.environ['PATH']}",
+                   MESHGEN_CONSUL_AGENT_ARGS="-data-dir=/tmp/x -retry-join=server",
+                   CONSUL_LOCAL_CONFIG=local_config)
+    wait_listening(port, script.process)
+    assert talk(port, client) == b"ping\n"
+    assert script.stop() == 0
+    lines = record.read_text().splitlines()
+    assert lines[0].startswith("args: agent -data-dir=/tmp/x -retry-join=server -config-file=")
+    assert lines[1:3] == [local_config, "600"]
+    assert lines[-1] == "got TERM"
+    assert "agent-secret-token" not in script.log()
