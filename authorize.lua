@@ -225,5 +225,34 @@ core.register_action("meshgen_authorize", { "tcp-req" }, function(txn)
     txn:set_var("sess.meshgen_decision", allowed and "allow" or "deny")
 end, 0)
 
+-- ------------------------------------------------------------------------------------------
+-- Outbound: HAProxy checks the upstream's chain but cannot pin its SPIFFE ID during the
+-- handshake. This runs on the first response: the server's certificate must name one of the
+-- services the upstream is for, or the connection is closed before a byte reaches the client.
+
+local function server_service(der)
+    local uri, why = spiffe_id(der)
+    if not uri then return nil, why end
+    local service = uri:match("^spiffe://[^/]+/ns/[^/]+/dc/[^/]+/svc/([^/]+)$")
+        or uri:match("^spiffe://[^/]+/ap/[^/]+/ns/[^/]+/dc/[^/]+/svc/([^/]+)$")
+    if not service then return nil, "server URI is not a service identity: " .. uri end
+    return service, uri
+end
+
+core.register_action("meshgen_verify_upstream", { "tcp-res", "http-res" }, function(txn, expected)
+    local ok, service, detail = pcall(server_service, txn.f:ssl_s_der())
+    local allowed = false
+    if ok and service then
+        for name in expected:gmatch("[^,]+") do
+            if name == service then allowed = true end
+        end
+    end
+    txn:set_var("txn.meshgen_upstream_ok", allowed and 1 or 0)
+    if not allowed then
+        txn:Warning("meshgen: upstream identity mismatch: expected " .. expected .. ", server is " ..
+            tostring(ok and (detail or service) or "unreadable") .. "; connection closed")
+    end
+end, 1)
+
 -- Exposed for tests run by a plain Lua interpreter (tests/test_authorize_der.py).
 return { spiffe_id = spiffe_id, parse_decision = parse_decision, colon_hex = colon_hex }

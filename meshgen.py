@@ -408,6 +408,7 @@ class Instance:
     """One healthy sidecar of an upstream, as HAProxy dials it."""
     address: str      # host:port, [v6]:port or unix@/path
     weight: int
+    service: str      # the service its certificate must name
 
     @property
     def server_name(self) -> str:
@@ -439,6 +440,14 @@ class Upstream:
     @property
     def key(self) -> tuple:
         return (self.kind, self.name, self.datacenter or "", self.peer or "")
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        """The services whose certificates may answer: the upstream's own name, or for a
+        prepared query the services Consul resolved it to."""
+        if self.kind == "service" or not self.instances:
+            return (self.name,)
+        return tuple(sorted({i.service for i in self.instances}))
 
     @property
     def proxy_name(self) -> str:
@@ -649,8 +658,15 @@ def parse_instances(upstream: Upstream, entries: list) -> Upstream:
                                      check_port(svc.get("Port"), f"{field}[{i}].Service.Port"))
         weights = svc.get("Weights") if isinstance(svc.get("Weights"), dict) else {}
         weight = check_int(weights.get("Passing", 1), f"{field}[{i}].Service.Weights.Passing")
+        # A sidecar answers for its destination; a connect-native instance for itself.
+        if svc.get("Kind") == "connect-proxy":
+            proxy = svc.get("Proxy") if isinstance(svc.get("Proxy"), dict) else {}
+            service = check_name(proxy.get("DestinationServiceName"),
+                                 f"{field}[{i}].Service.Proxy.DestinationServiceName")
+        else:
+            service = check_name(svc.get("Service"), f"{field}[{i}].Service.Service")
         # HAProxy weights stop at 256; Consul's do not.
-        instances[address] = Instance(address, min(max(weight, 1), 256))
+        instances[address] = Instance(address, min(max(weight, 1), 256), service)
     return dataclasses.replace(upstream, instances=tuple(instances[a] for a in sorted(instances)))
 
 

@@ -244,6 +244,7 @@ class ConsulDouble:
         self.with_intermediate = with_intermediate
         self.leaf_ttl = LEAF_TTL
         self.leaves: dict[str, dict] = {}
+        self._held_root: str | None = None   # leaves of this root stay valid during a rotation
         self.services: dict[str, dict] = {}       # agent-local services by ID
         self.instances: dict[str, list[Instance]] = {}   # health/connect by destination name
         self.health_index: dict[str, int] = {}
@@ -470,12 +471,21 @@ class ConsulDouble:
         with self.lock:
             self.queries[name] = service
 
-    def rotate_root(self) -> None:
+    def rotate_root(self, reissue_leaves: bool = True) -> None:
         """A CA rotation: a new active root, the old one kept with Active=false, and leaves
-        re-issued by the new root on their next fetch."""
+        re-issued by the new root on their next fetch. Consul re-issues leaves 0-30 s after the
+        roots change; `reissue_leaves=False` holds them back until `reissue_leaves()`."""
         with self.lock:
             self.roots.append(self.ca.new_root(self._bump(), self.with_intermediate))
             self.roots_index = self.raft_index
+            self._held_root = None if reissue_leaves else self.roots[-2].id
+            if reissue_leaves:
+                self.leaves.clear()
+            self._changed()
+
+    def reissue_leaves(self) -> None:
+        with self.lock:
+            self._held_root = None
             self.leaves.clear()
             self._changed()
 
@@ -551,7 +561,8 @@ class ConsulDouble:
 
     def _current_leaf(self, service: str) -> dict:
         leaf = self.leaves.get(service)
-        if leaf is None or leaf["_root"] != self.active_root.id or time.time() >= leaf["_soft_expiry"]:
+        signed_by_current = leaf is not None and leaf["_root"] in (self.active_root.id, self._held_root)
+        if not signed_by_current or time.time() >= leaf["_soft_expiry"]:
             leaf = self._issue_leaf(service)
         return leaf
 

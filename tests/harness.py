@@ -46,6 +46,18 @@ class EchoServer(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
+class TagServer(EchoServer):
+    """An app that answers every line with its own tag, to tell instances apart."""
+
+    def __init__(self, tag: bytes):
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                for _ in self.rfile:
+                    self.wfile.write(tag + b"\n")
+        socketserver.ThreadingTCPServer.__init__(self, ("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
 class HttpApp(ThreadingHTTPServer):
     """A local HTTP app: 200 and the request path, keep-alive."""
     daemon_threads = True
@@ -76,10 +88,10 @@ class HttpApp(ThreadingHTTPServer):
 
 
 def register_sidecar(double, service: str, public_port: int, app_port: int, config: dict | None = None,
-                     upstreams: list | None = None) -> str:
+                     upstreams: list | None = None, service_id: str | None = None) -> str:
     """A service and its sidecar on the double, on loopback ports the test chose."""
     return double.register({"service": {
-        "name": service, "port": app_port, "address": "127.0.0.1",
+        "name": service, "id": service_id or service, "port": app_port, "address": "127.0.0.1",
         "connect": {"sidecar_service": {"port": public_port, "proxy": {
             "config": config or {}, "upstreams": upstreams or []}}}}}) + "-sidecar-proxy"
 
@@ -95,13 +107,16 @@ class HAProxy:
     """HAProxy in the foreground on a bundle; its log (stdout) goes to a file tests can read."""
 
     def __init__(self, binary: str, config: Path, log: Path, wait_for_port: int | None = None,
-                 one_thread: bool = False):
+                 one_thread: bool = False, master_socket: Path | None = None):
         self.log_path = log
         self._log = open(log, "wb")
         # HAProxy starts a thread per CPU it may run on: pinned to one CPU, it runs one thread,
         # and so one Lua state and one decision cache.
         pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if one_thread else []
-        self.process = subprocess.Popen([*pin, binary, "-db", "-f", str(config)], stdout=self._log,
+        # With a master socket: master-worker mode, reloadable as start.sh runs it.
+        self.master_socket = master_socket
+        mode = ["-W", "-S", str(master_socket)] if master_socket else []
+        self.process = subprocess.Popen([*pin, binary, *mode, "-db", "-f", str(config)], stdout=self._log,
                                         stderr=subprocess.STDOUT)
         if wait_for_port:
             wait_listening(wait_for_port, self.process)
@@ -117,6 +132,42 @@ class HAProxy:
                 return log
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not in the HAProxy log:\n{self.log()[-3000:]}")
+
+    def master(self, command: str) -> str:
+        """One command on the master CLI; it refuses connections for a moment after a reload."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(5)
+                    sock.connect(str(self.master_socket))
+                    sock.sendall(command.encode() + b"\n")
+                    sock.shutdown(socket.SHUT_WR)
+                    answer = b""
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                    return answer.decode()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def workers(self) -> list[str]:
+        """PIDs of the current workers (not the old ones still draining)."""
+        current = self.master("show proc").split("# old workers")[0]
+        return [line.split()[0] for line in current.splitlines() if " worker " in line]
+
+    def reload(self) -> None:
+        """Reload as start.sh does (SIGUSR2 to the master), and wait for the new worker."""
+        before = set(self.workers())
+        self.process.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = set(self.workers())
+            if now and not now & before:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no new worker after a reload:\n{self.master('show proc')}")
 
     def stop(self):
         if self.process.poll() is None:
