@@ -90,7 +90,7 @@ def test_traffic_flows_and_intentions_govern_it(mesh, double, redis_server):
     double.set_intention("www", "redis", "deny")
     time.sleep(0.5)
     assert redis_ping(upstream) is None
-    assert "default/www => default/redis (Precedence: 9, Action: DENY)" in redis.haproxy.log()
+    redis.haproxy.wait_for_log("default/www => default/redis (Precedence: 9, Action: DENY)")
     double.set_intention("www", "redis", "allow")
     time.sleep(0.5)
     assert redis_ping(upstream) == b"+PONG\r\n"
