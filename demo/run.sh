@@ -28,6 +28,7 @@ mkdir -p "$RUN"
 pids=()
 cleanup() {
     say "Cleaning up"
+    # start.sh stops its HAProxy on SIGTERM.
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     echo "logs are in demo/run/"
@@ -70,16 +71,15 @@ pids+=($!)
 wait_port 6380
 
 for service in redis www; do
-    say "Rendering the $service sidecar (exit 3 means: new files, (re)load HAProxy)"
-    code=0
-    run python3 meshgen.py render --sidecar-for "$service" --out "$RUN/$service" || code=$?
-    [ "$code" = 3 ] || { echo "demo: meshgen exited $code" >&2; exit 1; }
-    run python3 meshgen.py show --sidecar-for "$service"
-    haproxy -W -S "$RUN/$service/master.sock" -f "$RUN/$service/haproxy.cfg" >"$RUN/$service-sidecar.log" 2>&1 &
+    say "Starting the $service sidecar with start.sh: meshgen render every 2 s, HAProxy reloaded on changes"
+    MESHGEN_SERVICE_ID=$service MESHGEN_OUT="$RUN/$service" MESHGEN_INTERVAL=2 \
+        MESHGEN="python3 $ROOT/meshgen.py" ./start.sh >"$RUN/$service-sidecar.log" 2>&1 &
     pids+=($!)
 done
 wait_port 21001
 wait_port 6379
+grep -h "start.sh:" "$RUN/redis-sidecar.log" "$RUN/www-sidecar.log"
+run python3 meshgen.py show --sidecar-for www
 
 say "PING from the www side, through both sidecars over mutual TLS"
 reply=""
