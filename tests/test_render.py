@@ -36,8 +36,7 @@ def model(name: str, shuffle: bool = False) -> meshgen.Sidecar:
         for entries in by_name.values():
             rng.shuffle(entries)
     sidecar = meshgen.parse_registration(registration, registration["ID"])
-    upstreams = tuple(meshgen.parse_instances(u, by_name.get(u.name, [])) for u in sidecar.upstreams)
-    return meshgen.dataclasses.replace(sidecar, upstreams=upstreams)
+    return meshgen.with_instances(sidecar, {u.key: by_name.get(u.name, []) for u in sidecar.upstreams})
 
 
 def bundle(name: str, shuffle: bool = False, out_dir: Path | None = None) -> meshgen.Bundle:
