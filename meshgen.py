@@ -19,6 +19,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,10 +255,11 @@ def fetch_registration(client: ConsulClient, proxy_id: str) -> dict:
 
 @dataclass(frozen=True)
 class AgentData:
-    """What the agent said, still raw: the model step validates it."""
-    roots: dict
-    leaf: dict
-    instances: dict  # Upstream.key -> list of health entries
+    """What the agent said, still raw: the model step validates it. Each Reply keeps the index
+    Consul gave it, for the next run's --wait."""
+    roots: Reply
+    leaf: Reply
+    instances: dict  # Upstream.key -> Reply holding a list of health entries
 
 
 def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstream, ...],
@@ -267,27 +270,134 @@ def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstre
     with ThreadPoolExecutor(max_workers=workers) as pool:
         roots = pool.submit(client.get, "/v1/agent/connect/ca/roots")
         leaf = pool.submit(client.get, f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}")
-        instances = {u.key: pool.submit(fetch_instances, client, u) for u in upstreams}
-        return AgentData(roots.result().data, leaf.result().data,
+        instances = {u.key: pool.submit(fetch_instances, client, u.key) for u in upstreams}
+        return AgentData(roots.result(), leaf.result(),
                          {key: future.result() for key, future in instances.items()})
 
 
-def fetch_instances(client: ConsulClient, upstream: Upstream) -> list:
-    params = {"dc": upstream.datacenter} if upstream.datacenter else {}
-    if upstream.kind == "prepared_query":
-        path = f"/v1/query/{quote(upstream.name, safe='')}/execute"
-        data = client.get(path, dict(params, connect="true")).data
-        entries = data.get("Nodes") if isinstance(data, dict) else None
-    else:
-        path = f"/v1/health/connect/{quote(upstream.name, safe='')}"
-        if upstream.peer:
-            params["peer"] = upstream.peer
-        entries = client.get(path, dict(params, passing="")).data
+def instances_request(key: tuple) -> tuple[str, dict]:
+    """Path and query of an upstream's healthy instances: health/connect for a service (blocking
+    queries work there), the execute endpoint for a prepared query (they do not)."""
+    kind, name, datacenter, peer = key
+    params = {"dc": datacenter} if datacenter else {}
+    if kind == "prepared_query":
+        return f"/v1/query/{quote(name, safe='')}/execute", dict(params, connect="true")
+    if peer:
+        params["peer"] = peer
+    return f"/v1/health/connect/{quote(name, safe='')}", dict(params, passing="")
+
+
+def fetch_instances(client: ConsulClient, key: tuple, extra: dict | None = None) -> Reply:
+    path, params = instances_request(key)
+    reply = client.get(path, dict(params, **(extra or {})))
+    entries = reply.data.get("Nodes") if key[0] == "prepared_query" and isinstance(reply.data, dict) \
+        else reply.data
     if entries is None:
-        return []
+        entries = []
     if not isinstance(entries, list):
         raise MeshgenError(f"GET {path}: expected a JSON list of health entries")
-    return entries
+    return Reply(entries, reply.index)
+
+
+# =========================================================================== wait for a change
+#
+# `render --wait` blocks, all at once, on what the previous run saw: the registration by its
+# ContentHash, the roots, the leaf and each upstream's health by index. A prepared query cannot
+# block, so it is polled. The previous run's markers live beside the bundle.
+
+STATE_FILE = ".meshgen-state.json"
+
+
+@dataclass(frozen=True)
+class WatchState:
+    proxy_id: str
+    service: str
+    registration_hash: str
+    roots_index: int
+    leaf_index: int
+    instances: dict            # "kind|name|dc|peer" -> health index, or a digest for a query
+    loaded_bundle: str         # the bundle HAProxy was last told to load: its runtime names
+
+    @classmethod
+    def of_run(cls, proxy_id: str, registration: dict, sidecar: Sidecar, data: AgentData,
+               loaded_bundle: str) -> "WatchState":
+        return cls(proxy_id, sidecar.service, str(registration.get("ContentHash", "")),
+                   data.roots.index or 0, data.leaf.index or 0,
+                   {"|".join(key): _marker(key, reply) for key, reply in sorted(data.instances.items())},
+                   loaded_bundle)
+
+
+def _marker(key: tuple, reply: Reply):
+    """What tells a change: the index, or for a prepared query (no index) a digest of the answer."""
+    if key[0] == "prepared_query":
+        return hashlib.sha256(json.dumps(reply.data, sort_keys=True).encode()).hexdigest()
+    return reply.index or 0
+
+
+def read_state(out_dir: Path) -> WatchState | None:
+    try:
+        return WatchState(**json.loads((out_dir / STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_state(out_dir: Path, state: WatchState) -> None:
+    tmp = out_dir / f"{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(dataclasses.asdict(state), sort_keys=True))
+    os.replace(tmp, out_dir / STATE_FILE)
+
+
+def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, poll_interval: float,
+                    max_blocking: int) -> bool:
+    """True as soon as anything the last run saw has changed (or cannot be read: the render
+    that follows reports why), False when `seconds` pass without a change."""
+    changed = threading.Event()
+    deadline = time.monotonic() + seconds
+
+    def block(ask, marker):
+        """Long-poll one endpoint until it differs; again if the agent answers early (it caps
+        waits at 10 minutes), at most once a second."""
+        try:
+            while not changed.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                asked = time.monotonic()
+                if ask(marker, {"wait": f"{max(1, int(remaining * 1000))}ms"}) != marker:
+                    changed.set()
+                    return
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - asked)))
+        except MeshgenError:
+            changed.set()
+
+    service_path = f"/v1/agent/service/{quote(state.proxy_id, safe='')}"
+    leaf_path = f"/v1/agent/connect/ca/leaf/{quote(state.service, safe='')}"
+    watches = [
+        (lambda hash_, wait: client.get(service_path, dict(wait, hash=hash_)).data.get("ContentHash"),
+         state.registration_hash),
+        (lambda index, wait: client.get("/v1/agent/connect/ca/roots", dict(wait, index=index)).index,
+         state.roots_index),
+        (lambda index, wait: client.get(leaf_path, dict(wait, index=index)).index, state.leaf_index),
+    ]
+    polled = []
+    for name, marker in sorted(state.instances.items()):
+        key = tuple(name.split("|"))
+        if key[0] == "prepared_query" or len(watches) >= max_blocking:
+            polled.append((key, marker))
+        else:
+            watches.append((lambda index, wait, key=key: fetch_instances(client, key, dict(wait, index=index)).index,
+                            marker))
+    for ask, marker in watches:
+        threading.Thread(target=block, args=(ask, marker), daemon=True).start()
+    while not changed.wait(max(0.0, min(poll_interval, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            return False
+        try:
+            if any(_marker(key, fetch_instances(client, key)) != marker for key, marker in polled):
+                return True
+        except MeshgenError:
+            return True
+    return True
 
 
 # =========================================================================== model
@@ -1024,6 +1134,52 @@ def bundle_diff(old: dict, new: dict) -> list[str]:
     return lines
 
 
+# =========================================================================== apply live
+#
+# A root rotation first changes only the CA bundle. With --runtime-socket, the running HAProxy
+# takes it through its runtime API and needs no reload; it knows the file by the path its config
+# loaded it from, in the bundle it was last (re)loaded on. A new leaf is not applied this way:
+# on HAProxy 2.6 and 2.8, `set ssl cert` + `commit` on a `verify required` bind leaves the bind
+# no longer asking clients for certificates (tests/e2e/test_watch.py pins it), so a leaf
+# change asks for a reload.
+
+def roots_only(live: dict, live_dir: Path, bundle: Bundle, bundle_dir: Path) -> bool:
+    """The new bundle differs from the live one in roots.pem alone (its config only in the
+    directory it names)."""
+    if set(live) != set(bundle.files):
+        return False
+    config = bundle.files["haproxy.cfg"].replace(str(bundle_dir).encode(), str(live_dir).encode())
+    return config == live["haproxy.cfg"] and all(
+        live[name] == data for name, data in bundle.files.items() if name not in ("haproxy.cfg", "roots.pem"))
+
+
+def runtime_command(socket_path: Path, command: str, timeout: float = 5.0) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def apply_roots_live(socket_path: Path, loaded_dir: Path, roots_pem: bytes) -> bool:
+    """Set and commit the CA bundle in the running HAProxy; False if it refuses or is not
+    there, and then the caller asks for a reload instead."""
+    target = f"ssl ca-file {loaded_dir / 'roots.pem'}"
+    try:
+        answer = runtime_command(socket_path, f"set {target} <<\n{roots_pem.decode()}")
+        if "transaction" not in answer.lower():
+            return False
+        if "Success" not in runtime_command(socket_path, f"commit {target}"):
+            runtime_command(socket_path, f"abort {target}")
+            return False
+        return True
+    except OSError:
+        return False
+
+
 # =========================================================================== commands, exit code
 
 def _consul_options(command):
@@ -1065,12 +1221,15 @@ def _connect(ctx_params: dict) -> tuple[ConsulSettings, ConsulClient, str]:
     return settings, client, proxy_id or find_sidecar_id(client, sidecar_for)
 
 
-def _fetch_model(client: ConsulClient, proxy_id: str) -> tuple[Sidecar, Certificates]:
-    """Fetch and model: the registration first, since it names what else to fetch."""
-    sidecar = parse_registration(fetch_registration(client, proxy_id), proxy_id)
+def _fetch_model(client: ConsulClient, proxy_id: str) -> tuple[Sidecar, Certificates, WatchState]:
+    """Fetch and model: the registration first, since it names what else to fetch. Also what
+    this run saw, for the next one's --wait."""
+    registration = fetch_registration(client, proxy_id)
+    sidecar = parse_registration(registration, proxy_id)
     data = fetch_agent_data(client, sidecar.service, sidecar.upstreams)
-    certs = check_certificates(data.roots, data.leaf, sidecar.service, dt.datetime.now(dt.timezone.utc))
-    return with_instances(sidecar, data.instances), certs
+    certs = check_certificates(data.roots.data, data.leaf.data, sidecar.service, dt.datetime.now(dt.timezone.utc))
+    sidecar = with_instances(sidecar, {key: reply.data for key, reply in data.instances.items()})
+    return sidecar, certs, WatchState.of_run(proxy_id, registration, sidecar, data, loaded_bundle="")
 
 
 class MeshgenGroup(click.Group):
@@ -1089,6 +1248,17 @@ def cli():
     """Render HAProxy as a Consul Connect sidecar."""
 
 
+def duration(value: str | None, option: str) -> float | None:
+    """Seconds from `30`, `30s`, `5m` or `500ms`."""
+    if value is None:
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    if re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+", value):
+        return check_duration_ms(value, option) / 1000
+    raise click.BadParameter(f"{value!r} is not a duration such as 30s or 5m", param_hint=option)
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @_consul_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -1098,14 +1268,35 @@ def cli():
 @click.option("--dry-run", is_flag=True, help="Write nothing; print a diff of what would change.")
 @click.option("--admin-socket", type=click.Path(path_type=Path), default=None,
               help="HAProxy admin socket for the runtime API  [default: OUT/admin.sock]")
+@click.option("--wait", "wait_for", default=None, metavar="DURATION",
+              help="If nothing changed since the last run, block on Consul until something does "
+                   "(then render) or DURATION passes (exit 0). The first run returns at once.")
+@click.option("--poll-interval", default="30s", show_default=True, metavar="DURATION",
+              help="With --wait: how often prepared queries, which cannot block, are polled.")
+@click.option("--max-blocking", type=click.IntRange(3, 4096), default=256, show_default=True,
+              help="With --wait: most long polls open at once; further upstreams are polled.")
+@click.option("--runtime-socket", type=click.Path(path_type=Path), default=None,
+              help="HAProxy's admin socket: apply a change of CA roots alone live and exit 0, "
+                   "or exit 3 if HAProxy refuses it.")
 @click.pass_context
 def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run: bool,
-                   admin_socket: Path | None, **consul):
+                   admin_socket: Path | None, wait_for: str | None, poll_interval: str,
+                   max_blocking: int, runtime_socket: Path | None, **consul):
     """Fetch the sidecar from the local agent, render, validate and swap in its bundle."""
+    wait_seconds, poll_seconds = duration(wait_for, "--wait"), duration(poll_interval, "--poll-interval")
     haproxy_path = None if no_validate else find_haproxy(haproxy)
     check_path(str(out_dir.resolve()), "--out")
     settings, client, proxy_id = _connect(consul)
-    sidecar, certs = _fetch_model(client, proxy_id)
+    previous = read_state(out_dir)
+    if previous is not None and previous.proxy_id != proxy_id:
+        previous = None
+    if wait_seconds is not None and previous is not None and not dry_run:
+        watcher = ConsulClient(dataclasses.replace(settings, timeout=settings.timeout + wait_seconds * 17 / 16),
+                               pool_size=max_blocking)
+        if not wait_for_change(watcher, previous, wait_seconds, poll_seconds, max_blocking):
+            click.echo(f"meshgen: {proxy_id}: unchanged after waiting {wait_for}", err=True)
+            ctx.exit(EXIT_UNCHANGED)
+    sidecar, certs, seen = _fetch_model(client, proxy_id)
     admin = Path(check_path(str((admin_socket or out_dir / "admin.sock").resolve()), "--admin-socket"))
     access = AgentAccess.from_settings(settings)
     bundle = render(sidecar, certs, access, settings.token, out_dir, admin)
@@ -1117,11 +1308,25 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
             with tempfile.TemporaryDirectory(prefix="meshgen-dry-run-") as scratch:
                 twin = render(sidecar, certs, access, settings.token, Path(scratch), admin)
                 validate(write_files(twin, Path(scratch)), haproxy_path)
-    elif changed:
+        click.echo(f"meshgen: {proxy_id}: " + ("changed" if changed else "unchanged") + " (dry run)", err=True)
+        ctx.exit(EXIT_CHANGED if changed else EXIT_UNCHANGED)
+    live_name, live_files = live_bundle(out_dir)
+    loaded = (previous.loaded_bundle if previous else "") or live_name or bundle.name
+    applied = False
+    if changed:
         write_bundle(out_dir, bundle, haproxy_path)
-    click.echo(f"meshgen: {proxy_id}: " + ("changed, reload HAProxy" if changed else "unchanged")
-               + (" (dry run)" if dry_run else ""), err=True)
-    ctx.exit(EXIT_CHANGED if changed else EXIT_UNCHANGED)
+        applied = (runtime_socket is not None and live_name is not None
+                   and roots_only(live_files, out_dir.resolve() / live_name, bundle,
+                                  out_dir.resolve() / bundle.name)
+                   and apply_roots_live(runtime_socket, out_dir.resolve() / loaded, bundle.files["roots.pem"]))
+        if not applied:
+            loaded = bundle.name    # the wrapper reloads HAProxy on exit 3
+    write_state(out_dir, dataclasses.replace(seen, loaded_bundle=loaded))
+    if applied:
+        click.echo(f"meshgen: {proxy_id}: CA roots changed, applied live through {runtime_socket}", err=True)
+    else:
+        click.echo(f"meshgen: {proxy_id}: " + ("changed, reload HAProxy" if changed else "unchanged"), err=True)
+    ctx.exit(EXIT_CHANGED if changed and not applied else EXIT_UNCHANGED)
 
 
 cli.add_command(render_command, "render")
@@ -1133,7 +1338,7 @@ cli.add_command(render_command, "render")
 def show(as_json: bool, **consul):
     """Print what the agent says of a sidecar: listeners, upstreams, instances, certificates."""
     _, client, proxy_id = _connect(consul)
-    sidecar, certs = _fetch_model(client, proxy_id)
+    sidecar, certs, _ = _fetch_model(client, proxy_id)
     summary = {
         "proxy_id": sidecar.proxy_id, "service": sidecar.service, "protocol": sidecar.protocol,
         "public_listener": sidecar.public_bind, "local_app": sidecar.local_app,

@@ -1,13 +1,15 @@
 #!/bin/sh
 # The sidecar's entrypoint, the seed's start.sh rebuilt: render the sidecar with meshgen, run
-# HAProxy on it in master-worker mode, render again every interval, and reload HAProxy when the
-# files changed. Arguments, if any, are the app to run beside it. POSIX sh: dash (Debian) and
-# busybox ash (Alpine).
+# HAProxy on it in master-worker mode, then let meshgen wait on Consul's blocking queries and
+# render again as soon as something changes, reloading HAProxy when the files changed (a change
+# of CA roots alone goes in live, through the runtime API). Arguments, if any, are the app to run
+# beside it. POSIX sh: dash (Debian) and busybox ash (Alpine).
 #
 # Settings, from the environment:
 #   MESHGEN_SERVICE_ID   the app's service ID in Consul; its sidecar is found from it (required)
 #   MESHGEN_OUT          bundle directory                                  (/var/lib/meshgen)
-#   MESHGEN_INTERVAL     seconds between renders                           (10)
+#   MESHGEN_WAIT         longest wait on Consul for a change, then render  (5m)
+#   MESHGEN_POLL_INTERVAL how often prepared queries, which cannot block, are polled (30s)
 #   MESHGEN_BACKOFF_MAX  the longest wait after failed renders, seconds    (60)
 #   MESHGEN_STOP_GRACE   seconds open connections get on SIGTERM           (10)
 #   MESHGEN_HAPROXY      the HAProxy binary                                (haproxy)
@@ -20,7 +22,8 @@ set -u
 
 service_id=${MESHGEN_SERVICE_ID:?set MESHGEN_SERVICE_ID to the service ID of the app in Consul}
 out=${MESHGEN_OUT:-/var/lib/meshgen}
-interval=${MESHGEN_INTERVAL:-10}
+wait_for=${MESHGEN_WAIT:-5m}
+poll_interval=${MESHGEN_POLL_INTERVAL:-30s}
 backoff_max=${MESHGEN_BACKOFF_MAX:-60}
 stop_grace=${MESHGEN_STOP_GRACE:-10}
 haproxy=${MESHGEN_HAPROXY:-haproxy}
@@ -30,6 +33,7 @@ haproxy_pid=
 app_pid=
 consul_pid=
 sleep_pid=
+render_pid=
 
 log() {
     printf '%s start.sh: %s\n' "$(date -u '+%Y-%m-%dT%H:%M:%SZ')" "$*" >&2
@@ -50,6 +54,7 @@ stop_haproxy() {
 shutdown() {
     log "$1: stopping"
     [ -n "$sleep_pid" ] && kill "$sleep_pid" 2>/dev/null
+    [ -n "$render_pid" ] && kill "$render_pid" 2>/dev/null
     if [ -n "$app_pid" ]; then
         kill -TERM "$app_pid" 2>/dev/null
         wait "$app_pid" 2>/dev/null
@@ -100,16 +105,24 @@ if [ "$#" -gt 0 ]; then
 fi
 
 mkdir -p "$out"
-delay=$interval
 backoff=1
 while :; do
-    # $meshgen is a command line: word splitting is wanted here.
+    # Block on Consul only once HAProxy runs: the first render must not wait.
+    waiting=
+    [ -n "$haproxy_pid" ] && waiting="--wait $wait_for --poll-interval $poll_interval"
+    # $meshgen is a command line and $waiting a list of options: word splitting is wanted here.
     # shellcheck disable=SC2086
-    $meshgen render --sidecar-for "$service_id" --out "$out" --haproxy "$haproxy"
+    $meshgen render --sidecar-for "$service_id" --out "$out" --haproxy "$haproxy" \
+        --runtime-socket "$out/admin.sock" $waiting &
+    render_pid=$!
+    wait "$render_pid"
     code=$?
+    render_pid=
+    # A floor between renders, should --wait ever return at once: a change meanwhile is still
+    # seen by the next wait, whose indexes predate it.
+    delay=1
     case $code in
         0 | 3)
-            delay=$interval
             backoff=1
             if [ -z "$haproxy_pid" ]; then
                 start_haproxy

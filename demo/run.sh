@@ -71,8 +71,8 @@ pids+=($!)
 wait_port 6380
 
 for service in redis www; do
-    say "Starting the $service sidecar with start.sh: meshgen render every 2 s, HAProxy reloaded on changes"
-    MESHGEN_SERVICE_ID=$service MESHGEN_OUT="$RUN/$service" MESHGEN_INTERVAL=2 \
+    say "Starting the $service sidecar with start.sh: meshgen waits on Consul, HAProxy reloads on changes"
+    MESHGEN_SERVICE_ID=$service MESHGEN_OUT="$RUN/$service" \
         MESHGEN="python3 $ROOT/meshgen.py" ./start.sh >"$RUN/$service-sidecar.log" 2>&1 &
     pids+=($!)
 done

@@ -261,6 +261,7 @@ class ConsulDouble:
         self.request_log: list[tuple[str, str, dict]] = []
         self.latency = 0.0
         self.connections: set = set()
+        self.restores = 0
         self._server: ThreadingHTTPServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -462,9 +463,11 @@ class ConsulDouble:
             self._changed()
 
     def reset_health_index(self, destination: str, index: int) -> None:
-        """Make an index go backwards, as after a snapshot restore (section 7)."""
+        """Make an index go backwards, as after a snapshot restore (section 7). A restore
+        abandons the state store's watches, so blocked queries answer at once."""
         with self.lock:
             self._health_changed(destination, index)
+            self.restores += 1
             self._changed()
 
     def add_prepared_query(self, name: str, service: str) -> None:
@@ -609,7 +612,8 @@ class ConsulDouble:
             return
         wait = _parse_wait(query.get("wait"))
         deadline = time.monotonic() + wait + random.uniform(0, wait / 16)
-        while current() <= index:
+        restores = self.restores
+        while current() <= index and self.restores == restores:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return

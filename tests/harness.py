@@ -217,10 +217,13 @@ class Identity:
                    key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption()).decode(), roots_pem(double))
 
-    def context(self, with_cert: bool = True) -> ssl.SSLContext:
+    def context(self, with_cert: bool = True, verify_server: bool = True) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False   # Consul leaves carry a URI SAN only: the chain is checked
-        context.load_verify_locations(str(self.roots))
+        if verify_server:
+            context.load_verify_locations(str(self.roots))
+        else:
+            context.verify_mode = ssl.CERT_NONE
         if with_cert:
             context.load_cert_chain(str(self.cert), str(self.key))
         return context

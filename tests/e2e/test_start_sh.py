@@ -30,7 +30,7 @@ class StartSh:
     def __init__(self, shell: list[str], double, haproxy: str, out: Path, log: Path, **env):
         self.log_path, self.out = log, out
         environment = dict(os.environ, MESHGEN_SERVICE_ID="web", MESHGEN_OUT=str(out),
-                           MESHGEN_INTERVAL="0.3", MESHGEN_BACKOFF_MAX="2", MESHGEN_STOP_GRACE="3",
+                           MESHGEN_WAIT="2s", MESHGEN_BACKOFF_MAX="2", MESHGEN_STOP_GRACE="3",
                            MESHGEN_HAPROXY=haproxy, MESHGEN=f"{sys.executable} {ROOT / 'meshgen.py'}",
                            CONSUL_HTTP_ADDR=double.url, **env)
         self._log = open(log, "wb")

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Watching Consul: how fast a change goes live, and what an idle sidecar costs the agent.
+Prints figures.
+
+1. Time from a change in the agent (double) to the new state being live in HAProxy, with
+   start.sh running the sidecar (`--wait`, runtime socket): an upstream instance added (render
+   and reload), a CA roots rotation (applied live through the runtime API), a leaf renewal
+   (render and reload). Median and p95 over --trials each.
+2. Agent requests while nothing changes: `render --wait` periods, counted per endpoint, beside
+   the old PoC's loop (a request per endpoint every 10 s, the leaf fetched on every cycle).
+
+    python3 benchmarks/watch_bench.py [--haproxy PATH] [--trials 15]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import meshgen  # noqa: E402
+from consul_double import ConsulDouble  # noqa: E402
+from harness import EchoServer, free_port, register_sidecar, wait_listening  # noqa: E402
+
+
+def until(predicate, timeout: float = 30.0, step: float = 0.005) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError("the change never went live")
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+def runtime(out: Path, command: str) -> str:
+    try:
+        return meshgen.runtime_command(out / "admin.sock", command)
+    except OSError:
+        return ""        # between a reload's old and new worker
+
+
+def p95(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=20)[18]
+
+
+def change_to_live(haproxy: str, trials: int, scratch: Path) -> None:
+    double, echo = ConsulDouble().start(), EchoServer()
+    port = free_port()
+    register_sidecar(double, "web", port, echo.port,
+                     upstreams=[{"destination_name": "redis", "local_bind_port": free_port()}])
+    double.add_instance("redis", "10.0.0.1", 21000)
+    out = scratch / "out"
+    env = dict(os.environ, MESHGEN_SERVICE_ID="web", MESHGEN_OUT=str(out), MESHGEN_WAIT="5m",
+               MESHGEN_HAPROXY=haproxy, MESHGEN=f"{sys.executable} {ROOT / 'meshgen.py'}",
+               CONSUL_HTTP_ADDR=double.url)
+    log = open(scratch / "start.log", "wb")
+    wrapper = subprocess.Popen(["sh", str(ROOT / "start.sh")], env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        wait_listening(port, wrapper)
+        time.sleep(2)
+        results = {"instance added (reload)": [], "CA roots rotated (live)": [], "leaf renewed (reload)": []}
+        for trial in range(trials):
+            address = f"10.1.{trial // 200}.{trial % 200 + 1}"
+            double.add_instance("redis", address, 21000)
+            results["instance added (reload)"].append(
+                until(lambda: address in runtime(out, "show servers state upstream_redis")))
+            time.sleep(1.5)
+            roots_before = len(double.roots)
+            double.rotate_root(reissue_leaves=False)
+            results["CA roots rotated (live)"].append(
+                until(lambda: f"{roots_before + 1} certificate(s)" in runtime(out, "show ssl ca-file")))
+            double.drop_old_roots()
+            time.sleep(1.5)
+            double.renew_leaf("web")
+            serial = double.leaves["web"]["SerialNumber"].replace(":", "").upper().lstrip("0")
+            results["leaf renewed (reload)"].append(
+                until(lambda: serial in runtime(out, "show ssl cert " +
+                                                str((out / "live").resolve() / "leaf.pem")).replace(":", "")))
+            time.sleep(1.5)
+        wrapper_log = (scratch / "start.log").read_text()
+        reloads, live = wrapper_log.count("reloading HAProxy"), wrapper_log.count("applied live")
+    finally:
+        os.killpg(wrapper.pid, signal.SIGTERM)
+        wrapper.wait(20)
+        log.close()
+        double.stop()
+        echo.close()
+    print(f"change in Consul -> live in HAProxy, {trials} trials each (start.sh, --wait 5m):")
+    for label, samples in results.items():
+        print(f"  {label:<26} median {statistics.median(samples) * 1000:6.0f} ms   "
+              f"p95 {p95(samples) * 1000:6.0f} ms")
+    print(f"  during the run: {reloads} reloads, {live} changes applied live without one "
+          f"({trials} rotations and {trials} old-root removals changed the CA roots alone)")
+
+
+def idle_requests(haproxy: str, scratch: Path, periods: int, upstreams: int) -> None:
+    double = ConsulDouble().start()
+    register_sidecar(double, "web", free_port(), free_port(), upstreams=[
+        {"destination_name": f"svc{i}", "local_bind_port": free_port()} for i in range(upstreams)])
+    out = scratch / "idle"
+    command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--proxy-id", "web-sidecar-proxy",
+               "--out", str(out), "--haproxy", haproxy, "--http-addr", double.url]
+    subprocess.run(command, check=False, capture_output=True)
+    before = double.count()
+    start = time.monotonic()
+    for _ in range(periods):
+        subprocess.run([*command, "--wait", "1s"], check=False, capture_output=True)
+    per_period = (double.count() - before) / periods
+    elapsed = time.monotonic() - start
+    double.stop()
+    endpoints = 3 + upstreams
+    print(f"\nidle, {upstreams} upstreams, {periods} wait periods of 1 s (standing in for 5 min) "
+          f"in {elapsed:.1f} s:")
+    print(f"  meshgen --wait: {per_period:.1f} agent requests per wait period "
+          f"({endpoints} watched endpoints), {per_period * 12:.0f} per hour with --wait 5m")
+    print(f"  old PoC loop:   {endpoints} requests every 10 s (the leaf on every cycle), "
+          f"{endpoints * 360} per hour")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--haproxy", default=shutil.which("haproxy") or "haproxy")
+    parser.add_argument("--trials", type=int, default=15)
+    args = parser.parse_args()
+    version = subprocess.run([args.haproxy, "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    print(f"{version}; {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        change_to_live(args.haproxy, args.trials, Path(tmp))
+        idle_requests(args.haproxy, Path(tmp), periods=5, upstreams=3)
+
+
+if __name__ == "__main__":
+    main()

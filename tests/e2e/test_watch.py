@@ -1,0 +1,202 @@
+"""`render --wait` and `--runtime-socket`: blocking queries instead of polling, certificate
+rotation without a reload."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from cryptography import x509
+
+from conftest import ROOT, _load_seed, agent_env
+from harness import EchoServer, HAProxy, Identity, free_port, register_sidecar, talk
+
+pytestmark = pytest.mark.usefixtures("any_haproxy")
+
+
+def render(double, out, haproxy, *extra, wait=None):
+    command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--sidecar-for", "www", "--out", str(out),
+               "--haproxy", haproxy, *extra] + (["--wait", wait] if wait else [])
+    return subprocess.Popen(command, env=agent_env(double), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(process, timeout=60):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+@pytest.fixture
+def seeded(seeded_double, any_haproxy, tmp_path):
+    out = tmp_path / "out"
+    code, err = finish(render(seeded_double, out, any_haproxy, wait="20s"))
+    assert code == 3, err                          # the first run returns at once
+    state = json.loads((out / ".meshgen-state.json").read_text())
+    assert state["proxy_id"] == "www-sidecar-proxy" and state["roots_index"] > 0
+    return seeded_double, out, any_haproxy
+
+
+CHANGES = {
+    "registration": lambda d: d.update_service("www-sidecar-proxy",
+                                               lambda s: s["Proxy"]["Config"].update(max_inbound_connections=9)),
+    "roots": lambda d: d.rotate_root(reissue_leaves=False),
+    "leaf": lambda d: d.renew_leaf("www"),
+    "instances": lambda d: d.add_instance("redis", "10.0.0.9", 21000),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_change_in_each_watched_thing_ends_the_wait(seeded, change):
+    double, out, haproxy = seeded
+    process = render(double, out, haproxy, wait="30s")
+    time.sleep(0.5)
+    assert process.poll() is None                  # blocked: nothing has changed yet
+    changed_at = time.monotonic()
+    CHANGES[change](double)
+    code, err = finish(process)
+    assert time.monotonic() - changed_at < 5, "the wait did not end with the change"
+    assert code == 3, err
+
+
+def test_an_idle_wait_asks_each_endpoint_once_per_period(seeded):
+    double, out, haproxy = seeded
+    before = dict(double.requests)
+    periods = 3
+    for _ in range(periods):
+        start = time.monotonic()
+        code, err = finish(render(double, out, haproxy, wait="1s"))
+        assert (code, time.monotonic() - start >= 1.0) == (0, True), err
+        assert "unchanged after waiting 1s" in err
+    asked = {path: n - before.get(path, 0) for path, n in double.requests.items() if n != before.get(path, 0)}
+    assert asked == {"/v1/agent/service/www-sidecar-proxy": periods, "/v1/agent/connect/ca/roots": periods,
+                     "/v1/agent/connect/ca/leaf/www": periods, "/v1/health/connect/redis": periods,
+                     "/v1/agent/services": periods}     # --sidecar-for looks the sidecar up first
+
+
+def test_an_index_that_goes_backwards_is_reset(seeded):
+    double, out, haproxy = seeded
+    process = render(double, out, haproxy, wait="30s")
+    time.sleep(0.5)
+    double.reset_health_index("redis", 3)
+    code, err = finish(process)
+    assert code == 0, err                           # same data: nothing to write
+    state = json.loads((out / ".meshgen-state.json").read_text())
+    assert state["instances"]["service|redis||"] == 3
+    code, _ = finish(render(double, out, haproxy, wait="1s"))
+    assert code == 0                                # and it blocks on the new index again
+
+
+def test_prepared_queries_are_polled(double, any_haproxy, tmp_path):
+    _load_seed(double)
+    double.add_prepared_query("cache-query", "cache")
+    double.update_service("www-sidecar-proxy", lambda s: s["Proxy"]["Upstreams"].append(
+        {"DestinationType": "prepared_query", "DestinationName": "cache-query", "LocalBindPort": 7000,
+         "MeshGateway": {}}))
+    out = tmp_path / "out"
+    assert finish(render(double, out, any_haproxy))[0] == 3
+    process = render(double, out, any_haproxy, "--poll-interval", "0.2", wait="30s")
+    time.sleep(0.6)
+    before = double.count("/v1/query/cache-query/execute")
+    assert before >= 2 and process.poll() is None
+    double.add_instance("cache", "10.0.0.20", 21000)
+    code, err = finish(process)
+    assert code == 3, err
+
+
+# ----------------------------------------------------------------------------- runtime API
+
+def served_certificate(port: int, context) -> x509.Certificate:
+    with socket.create_connection(("127.0.0.1", port)) as raw, context.wrap_socket(raw) as conn:
+        return x509.load_der_x509_certificate(conn.getpeercert(binary_form=True))
+
+
+@pytest.fixture
+def running(double, haproxy, tmp_path):
+    """The `web` sidecar under HAProxy in master-worker mode, and a way to run meshgen on it
+    with the runtime socket."""
+    echo = EchoServer()
+    port = free_port()
+    register_sidecar(double, "web", port, echo.port)
+    double.set_intention("*", "web", "allow")
+    out = tmp_path / "out"
+
+    def render_live():
+        command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--proxy-id", "web-sidecar-proxy",
+                   "--out", str(out), "--haproxy", haproxy, "--runtime-socket", str(out / "admin.sock")]
+        result = subprocess.run(command, env=agent_env(double), capture_output=True, text=True, timeout=60)
+        return result.returncode, result.stderr
+
+    code, err = render_live()
+    assert code == 3, err                             # HAProxy is not running yet: a (re)load
+    process = HAProxy(haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=port,
+                      master_socket=tmp_path / "master.sock")
+    # The client presents its certificate; which root signed the server's is checked below.
+    client = Identity.from_double(double, tmp_path / "ids", "api").context(verify_server=False)
+    yield port, client, process, render_live, out
+    process.stop()
+    echo.close()
+
+
+def test_a_root_rotation_goes_live_without_a_reload(double, running):
+    port, client, process, render_live, _ = running
+    workers = process.workers()
+    outcomes, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            outcomes.append(talk(port, client) == b"ping\n")
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        double.rotate_root(reissue_leaves=False)     # step 1: the new root joins the trust bundle
+        code, err = render_live()
+        assert code == 0 and "CA roots changed, applied live" in err, err
+        assert render_live()[0] == 0                 # applied once, then nothing to do
+        time.sleep(0.3)
+        live_workers = process.workers()
+        double.reissue_leaves()                      # step 2: a leaf from the new root
+        code, err = render_live()
+        assert code == 3 and "reload HAProxy" in err, err
+        process.reload()
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join()
+    assert live_workers == workers                   # step 1 cost no reload
+    assert len(outcomes) > 20 and outcomes.count(False) == 0
+    new_root = x509.load_pem_x509_certificate(double._roots_json()["Roots"][-1]["RootCert"].encode())
+    served_certificate(port, client).verify_directly_issued_by(new_root)
+
+
+def test_haproxy_drops_client_verification_on_a_live_leaf_update(double, running):
+    """Why a new leaf asks for a reload: after `set ssl cert` + `commit` on a bind with
+    `verify required`, HAProxy 2.6 and 2.8 stop asking clients for a certificate. authorize.lua
+    then refuses every connection (no identity): fail closed, but mutual TLS is gone. Should a
+    later HAProxy keep verification, this test fails, and live leaf updates can be enabled."""
+    port, client, process, _, out = running
+    assert talk(port, client) == b"ping\n"
+    double.renew_leaf("web")
+    leaf = double.leaves["web"]
+    target = f"ssl cert {(out / 'live').resolve() / 'leaf.pem'}"
+    assert "Transaction" in runtime(out, f"set {target} <<\n{leaf['CertPEM']}{leaf['PrivateKeyPEM']}")
+    assert "Success" in runtime(out, f"commit {target}")
+    assert talk(port, client) is None
+    assert 'authz=deny reason="no client certificate"' in process.wait_for_log("no client certificate")
+
+
+def runtime(out, command: str) -> str:
+    import meshgen
+    return meshgen.runtime_command(out / "admin.sock", command)
+
+
+def test_a_refused_live_update_asks_for_a_reload(seeded):
+    double, out, haproxy = seeded
+    double.renew_leaf("www")
+    code, err = finish(render(double, out, haproxy, "--runtime-socket", str(out / "no-such.sock")))
+    assert code == 3 and "reload HAProxy" in err
