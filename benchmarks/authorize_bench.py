@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from harness import EchoServer, free_port, talk, wait_listening  # noqa: E402
+from harness import EchoServer, free_port, latencies, talk, wait_listening  # noqa: E402
 
 MODES = {"a": "no authorization", "b": "authorize, cache off", "c": "authorize, cached"}
 
@@ -66,22 +66,19 @@ def measure(haproxy: str, config: Path, port: int, identity: dict, seconds: floa
     try:
         wait_listening(port, process)
         counter = multiprocessing.Value("i", 0)
-        warm = time.time() + 0.5
-        workers = [multiprocessing.Process(target=client_loop, args=(port, *identity.values(), warm, counter))
-                   for _ in range(clients)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+
+        def run_clients(until: float) -> None:
+            workers = [multiprocessing.Process(target=client_loop, args=(port, *identity.values(), until, counter))
+                       for _ in range(clients)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+
+        run_clients(time.time() + 0.5)              # warm up: TLS caches, Lua states
         counter.value = 0
         cpu_before, start = haproxy_cpu(process.pid), time.time()
-        deadline = start + seconds
-        workers = [multiprocessing.Process(target=client_loop, args=(port, *identity.values(), deadline, counter))
-                   for _ in range(clients)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        run_clients(start + seconds)
         elapsed, cpu = time.time() - start, haproxy_cpu(process.pid) - cpu_before
         return counter.value / elapsed, cpu / max(counter.value, 1)
     finally:
@@ -153,15 +150,7 @@ def slow_agent_latency(haproxy: str, scratch: Path, seconds: float) -> tuple[lis
         fast = Identity.from_double(double, scratch / "ids", "api").context()
         assert talk(port, fast) == b"ping\n"      # cached from here on
 
-        def sample(duration: float) -> list[float]:
-            out_, end = [], time.monotonic() + duration
-            while time.monotonic() < end:
-                t0 = time.monotonic()
-                assert talk(port, fast) == b"ping\n"
-                out_.append(time.monotonic() - t0)
-            return out_
-
-        idle = sample(seconds)
+        idle = latencies(port, fast, seconds)
         double.inject("/v1/agent/connect/authorize", delay=1.0)
         stop = time.monotonic() + seconds
 
@@ -173,7 +162,7 @@ def slow_agent_latency(haproxy: str, scratch: Path, seconds: float) -> tuple[lis
         for thread in waiting:
             thread.start()
         time.sleep(0.05)
-        busy = sample(seconds - 0.1)
+        busy = latencies(port, fast, seconds - 0.1)
         for thread in waiting:
             thread.join()
         return idle, busy

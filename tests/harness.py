@@ -24,17 +24,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class EchoServer(socketserver.ThreadingTCPServer):
-    """The local app: answers each line with the same line."""
+class _LocalServer:
+    """A server of the tests' own on a free loopback port, serving from a thread."""
     daemon_threads = True
-    allow_reuse_address = True
 
-    def __init__(self):
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self):
-                for line in self.rfile:
-                    self.wfile.write(line)
-        super().__init__(("127.0.0.1", 0), Handler)
+    def _serve(self, handler) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -46,7 +41,18 @@ class EchoServer(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
-class TagServer(EchoServer):
+class EchoServer(_LocalServer, socketserver.ThreadingTCPServer):
+    """The local app: answers each line with the same line."""
+
+    def __init__(self):
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                for line in self.rfile:
+                    self.wfile.write(line)
+        self._serve(Handler)
+
+
+class TagServer(_LocalServer, socketserver.ThreadingTCPServer):
     """An app that answers every line with its own tag, to tell instances apart."""
 
     def __init__(self, tag: bytes):
@@ -54,13 +60,11 @@ class TagServer(EchoServer):
             def handle(self):
                 for _ in self.rfile:
                     self.wfile.write(tag + b"\n")
-        socketserver.ThreadingTCPServer.__init__(self, ("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self._serve(Handler)
 
 
-class HttpApp(ThreadingHTTPServer):
+class HttpApp(_LocalServer, ThreadingHTTPServer):
     """A local HTTP app: 200 and the request path, keep-alive."""
-    daemon_threads = True
 
     def __init__(self):
         class Handler(BaseHTTPRequestHandler):
@@ -75,16 +79,7 @@ class HttpApp(ThreadingHTTPServer):
 
             def log_message(self, *args):
                 pass
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def close(self):
-        self.shutdown()
-        self.server_close()
+        self._serve(Handler)
 
 
 def register_sidecar(double, service: str, public_port: int, app_port: int, config: dict | None = None,
@@ -251,3 +246,13 @@ def talk(port: int, context: ssl.SSLContext | None, payload: bytes = b"ping\n", 
             return answer or None
     except (ssl.SSLError, ConnectionError, socket.timeout, OSError):
         return None
+
+
+def latencies(port: int, context, seconds: float) -> list[float]:
+    """Round trips of new connections (handshake, one line echoed) for `seconds`."""
+    samples, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        start = time.monotonic()
+        assert talk(port, context) == b"ping\n"
+        samples.append(time.monotonic() - start)
+    return samples

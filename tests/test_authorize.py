@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DoubleAgent
-from harness import (EchoServer, HAProxy, HttpApp, Identity, free_port, meshgen_render,
+from harness import (EchoServer, HAProxy, HttpApp, Identity, free_port, latencies, meshgen_render,
                      register_sidecar, talk)
 
 
@@ -191,15 +191,6 @@ def test_http_mode_authorizes_once_per_connection(start_sidecar):
         refused.getresponse()
 
 
-def _latencies(port: int, context, seconds: float) -> list[float]:
-    samples, deadline = [], time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        start = time.monotonic()
-        assert talk(port, context) == b"ping\n"
-        samples.append(time.monotonic() - start)
-    return samples
-
-
 BLOCKING_ASK = """local function ask_agent(uri, serial)
     -- What a blocking HTTP call to a 1 s agent does inside HAProxy: it holds the thread.
     local stop = os.clock() + 1.0
@@ -232,14 +223,14 @@ def test_a_slow_agent_delays_only_the_connection_that_waits_on_it(start_sidecar,
     double.set_intention("*", "web", "allow")
     fast = sidecar.identity("api").context()
     assert talk(sidecar.port, fast) == b"ping\n"       # cached from here on
-    idle = _latencies(sidecar.port, fast, 1.0)
+    idle = latencies(sidecar.port, fast, 1.0)
     double.inject("/v1/agent/connect/authorize", delay=1.0)
     waiting = [threading.Thread(target=talk, args=(sidecar.port, sidecar.identity(f"slow{i}").context()))
                for i in range(3)]
     for thread in waiting:
         thread.start()
     time.sleep(0.1)
-    busy = _latencies(sidecar.port, fast, 1.0)
+    busy = latencies(sidecar.port, fast, 1.0)
     for thread in waiting:
         thread.join()
     if blocking:
