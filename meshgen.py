@@ -1021,16 +1021,18 @@ LIVE = "live"
 STAGE_PREFIX = ".stage-"
 
 
+def live_name(out_dir: Path) -> str | None:
+    """The name of the bundle that is live now; None when there is none."""
+    link = out_dir / LIVE
+    return os.readlink(link) if link.is_symlink() and link.is_dir() else None
+
+
 def live_bundle(out_dir: Path) -> tuple[str | None, dict]:
     """The name and files of the bundle that is live now; (None, {}) when there is none."""
-    link = out_dir / LIVE
-    if not link.is_symlink() or not link.is_dir():
+    name = live_name(out_dir)
+    if name is None:
         return None, {}
-    return os.readlink(link), {p.name: p.read_bytes() for p in sorted(link.iterdir()) if p.is_file()}
-
-
-def is_live(out_dir: Path, bundle: Bundle) -> bool:
-    return live_bundle(out_dir) == (bundle.name, bundle.files)
+    return name, {p.name: p.read_bytes() for p in sorted((out_dir / LIVE).iterdir()) if p.is_file()}
 
 
 def write_files(bundle: Bundle, parent: Path) -> Path:
@@ -1056,7 +1058,7 @@ def write_files(bundle: Bundle, parent: Path) -> Path:
 def swap_live(out_dir: Path, bundle: Bundle) -> str | None:
     """One rename makes the bundle live: a reader sees all of the old or all of the new.
     Returns the bundle that was live before."""
-    previous = live_bundle(out_dir)[0]
+    previous = live_name(out_dir)
     link = out_dir / f".{LIVE}.tmp"
     if link.is_symlink() or link.exists():
         link.unlink()
@@ -1106,7 +1108,7 @@ def write_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None) -> None:
         if haproxy:
             validate(written, haproxy)
     except MeshgenError:
-        if live_bundle(out_dir)[0] != bundle.name:
+        if live_name(out_dir) != bundle.name:
             shutil.rmtree(written, ignore_errors=True)
         raise
     previous = swap_live(out_dir, bundle)
@@ -1300,9 +1302,10 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
     admin = Path(check_path(str((admin_socket or out_dir / "admin.sock").resolve()), "--admin-socket"))
     access = AgentAccess.from_settings(settings)
     bundle = render(sidecar, certs, access, settings.token, out_dir, admin)
-    changed = not is_live(out_dir, bundle)
+    live, live_files = live_bundle(out_dir)
+    changed = (live, live_files) != (bundle.name, bundle.files)
     if dry_run:
-        click.echo("".join(bundle_diff(live_bundle(out_dir)[1], bundle.files)), nl=False)
+        click.echo("".join(bundle_diff(live_files, bundle.files)), nl=False)
         if changed and haproxy_path:
             # The real bundle names its final directory; check a twin rendered for a scratch one.
             with tempfile.TemporaryDirectory(prefix="meshgen-dry-run-") as scratch:
@@ -1310,13 +1313,12 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
                 validate(write_files(twin, Path(scratch)), haproxy_path)
         click.echo(f"meshgen: {proxy_id}: " + ("changed" if changed else "unchanged") + " (dry run)", err=True)
         ctx.exit(EXIT_CHANGED if changed else EXIT_UNCHANGED)
-    live_name, live_files = live_bundle(out_dir)
-    loaded = (previous.loaded_bundle if previous else "") or live_name or bundle.name
+    loaded = (previous.loaded_bundle if previous else "") or live or bundle.name
     applied = False
     if changed:
         write_bundle(out_dir, bundle, haproxy_path)
-        applied = (runtime_socket is not None and live_name is not None
-                   and roots_only(live_files, out_dir.resolve() / live_name, bundle,
+        applied = (runtime_socket is not None and live is not None
+                   and roots_only(live_files, out_dir.resolve() / live, bundle,
                                   out_dir.resolve() / bundle.name)
                    and apply_roots_live(runtime_socket, out_dir.resolve() / loaded, bundle.files["roots.pem"]))
         if not applied:
