@@ -98,10 +98,13 @@ def test_prepared_queries_are_polled(double, any_haproxy, tmp_path):
          "MeshGateway": {}}))
     out = tmp_path / "out"
     assert finish(render(double, out, any_haproxy))[0] == 3
+    polls_before = double.count("/v1/query/cache-query/execute")
     process = render(double, out, any_haproxy, "--poll-interval", "0.2", wait="30s")
-    time.sleep(0.6)
-    before = double.count("/v1/query/cache-query/execute")
-    assert before >= 2 and process.poll() is None
+    deadline = time.monotonic() + 10
+    while double.count("/v1/query/cache-query/execute") < polls_before + 3:   # polled, again and again
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert process.poll() is None                   # and still waiting: nothing changed
     double.add_instance("cache", "10.0.0.20", 21000)
     code, err = finish(process)
     assert code == 3, err
