@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import shutil
@@ -360,10 +361,11 @@ def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, pol
         try:
             while not changed.is_set():
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0.05:
                     return
                 asked = time.monotonic()
-                if ask(marker, {"wait": f"{max(1, int(remaining * 1000))}ms"}) != marker:
+                # Rounded up, so that an unchanged answer comes at the deadline, not just before.
+                if ask(marker, {"wait": f"{math.ceil(remaining * 1000)}ms"}) != marker:
                     changed.set()
                     return
                 time.sleep(max(0.0, 1.0 - (time.monotonic() - asked)))
