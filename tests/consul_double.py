@@ -205,7 +205,6 @@ class Instance:
     service: dict
     node: dict
     checks: list
-    create_index: int
 
 
 @dataclass
@@ -399,7 +398,7 @@ class ConsulDouble:
                               svc["ID"], "passing", index)]
         checks.insert(0, self._check(node["Node"], "serfHealth", "Serf Health Status", "", "passing",
                                      node["CreateIndex"]))
-        return Instance(svc, node, checks, index)
+        return Instance(svc, node, checks)
 
     @staticmethod
     def _check(node, check_id, name, service_id, status, index) -> dict:

@@ -13,6 +13,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import meshgen
@@ -256,3 +257,9 @@ def latencies(port: int, context, seconds: float) -> list[float]:
         assert talk(port, context) == b"ping\n"
         samples.append(time.monotonic() - start)
     return samples
+
+
+def served_certificate(port: int, context: ssl.SSLContext) -> x509.Certificate:
+    """The certificate a TLS listener presents to a client holding `context`."""
+    with socket.create_connection(("127.0.0.1", port)) as raw, context.wrap_socket(raw) as conn:
+        return x509.load_der_x509_certificate(conn.getpeercert(binary_form=True))

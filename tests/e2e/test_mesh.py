@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from harness import (HAProxy, Identity, TagServer, free_port, meshgen_render, register_sidecar, talk,
-                     wait_listening)
+import meshgen
+from harness import (HAProxy, Identity, TagServer, free_port, meshgen_render, register_sidecar,
+                     served_certificate, talk, wait_listening)
 
 
 @pytest.fixture
@@ -147,9 +148,8 @@ def test_leaf_and_root_rotation_lose_no_request(mesh, double, redis_server):
     assert outcomes.count(False) == 0
     new_root = x509.load_pem_x509_certificate(double._roots_json()["Roots"][-1]["RootCert"].encode())
     context = Identity.from_double(double, mesh.tmp / "ids", "www").context()
-    with socket.create_connection(("127.0.0.1", redis.port)) as raw, context.wrap_socket(raw) as conn:
-        served = x509.load_der_x509_certificate(conn.getpeercert(binary_form=True))
-    served.verify_directly_issued_by(new_root)      # new connections get the new certificate
+    # New connections get the new certificate.
+    served_certificate(redis.port, context).verify_directly_issued_by(new_root)
 
 
 class Impostor:
@@ -183,13 +183,7 @@ class Impostor:
 
 def check_status(admin_socket: Path, backend: str) -> str:
     """check_status of the backend's first server, from the runtime API's `show stat`."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.connect(str(admin_socket))
-        sock.sendall(b"show stat\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    lines = data.decode().splitlines()
+    lines = meshgen.runtime_command(admin_socket, "show stat").splitlines()
     header = lines[0].lstrip("# ").split(",")
     for line in lines[1:]:
         row = dict(zip(header, line.split(",")))

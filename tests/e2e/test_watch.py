@@ -3,7 +3,6 @@ rotation without a reload."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ import pytest
 from cryptography import x509
 
 from conftest import ROOT, _load_seed, agent_env
-from harness import EchoServer, HAProxy, Identity, free_port, register_sidecar, talk
+from harness import EchoServer, HAProxy, Identity, free_port, register_sidecar, served_certificate, talk
 
 pytestmark = pytest.mark.usefixtures("any_haproxy")
 
@@ -111,11 +110,6 @@ def test_prepared_queries_are_polled(double, any_haproxy, tmp_path):
 
 
 # ----------------------------------------------------------------------------- runtime API
-
-def served_certificate(port: int, context) -> x509.Certificate:
-    with socket.create_connection(("127.0.0.1", port)) as raw, context.wrap_socket(raw) as conn:
-        return x509.load_der_x509_certificate(conn.getpeercert(binary_form=True))
-
 
 @pytest.fixture
 def running(double, haproxy, tmp_path):
