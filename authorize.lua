@@ -129,6 +129,7 @@ local cache, cache_count = {}, 0
 local function load_settings(txn)
     local s = {
         service = txn:get_var("proc.meshgen_service"),
+        trust_domain = txn:get_var("proc.meshgen_trust_domain"),
         url = txn:get_var("proc.meshgen_agent_url"),
         dst = txn:get_var("proc.meshgen_agent_dst"),
         timeout = tonumber(txn:get_var("proc.meshgen_timeout_ms")) or 500,
@@ -194,9 +195,20 @@ local function decide(txn)
         if not loaded then return false, why end
         settings = loaded
     end
-    local uri, why = spiffe_id(txn.f:ssl_c_der())
+    local der = txn.f:ssl_c_der()
+    if (der == nil or der == "") and txn.f:ssl_c_used() then
+        -- HAProxy hands a certificate larger than its buffer (tune.bufsize) to Lua as nothing.
+        return false, "client certificate too large"
+    end
+    local uri, why = spiffe_id(der)
     if not uri then return false, why end
     txn:set_var("sess.meshgen_spiffe", uri)
+    -- The agent's authorize does not check the trust domain: our CA signs only ours, but a
+    -- certificate of another mesh that chains to a listed root must not get in either.
+    local domain = uri:match("^spiffe://([^/]+)/")
+    if settings.trust_domain and domain ~= settings.trust_domain then
+        return false, "client certificate is of trust domain " .. domain .. ", not this mesh's"
+    end
     local serial = colon_hex(txn.f:ssl_c_serial())
     local key = uri .. "|" .. serial
     local cached = cache[key]

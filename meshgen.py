@@ -31,7 +31,7 @@ import click
 import jinja2
 import urllib3
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -831,17 +831,23 @@ def check_certificates(roots: dict, leaf: dict, service: str, now: dt.datetime) 
     cert = chain[0]
     try:
         key = serialization.load_pem_private_key(str(leaf.get("PrivateKeyPEM", "")).encode(), None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise MeshgenError("leaf certificate: PrivateKeyPEM is not an unencrypted PEM private key") from None
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if (key.public_key().public_bytes(serialization.Encoding.DER, spki)
-            != cert.public_key().public_bytes(serialization.Encoding.DER, spki)):
+    try:
+        cert_key = cert.public_key().public_bytes(serialization.Encoding.DER, spki)
+    except (ValueError, UnsupportedAlgorithm):
+        raise MeshgenError("leaf certificate: CertPEM holds a public key meshgen cannot read") from None
+    if key.public_key().public_bytes(serialization.Encoding.DER, spki) != cert_key:
         raise MeshgenError("leaf certificate: PrivateKeyPEM does not match the certificate's public key")
     if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
         raise MeshgenError(f"leaf certificate: not valid now ({now:%Y-%m-%dT%H:%M:%SZ}); valid from "
                            f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
                            f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
-    spiffe_id = _leaf_spiffe_id(cert, service, str(roots.get("TrustDomain", "")))
+    trust_domain = roots.get("TrustDomain") or ""
+    if not isinstance(trust_domain, str) or (trust_domain and not _HOSTNAME.fullmatch(trust_domain)):
+        raise MeshgenError(f"CA roots: TrustDomain: {trust_domain!r} is not a domain name")
+    spiffe_id = _leaf_spiffe_id(cert, service, trust_domain)
     signers = intermediates + chain[1:]
     issuer, hops = cert, 0
     while not any(_issued_by(issuer, root) for root in root_certs):
@@ -858,7 +864,7 @@ def check_certificates(roots: dict, leaf: dict, service: str, now: dt.datetime) 
         serial=":".join(f"{b:02x}" for b in cert.serial_number.to_bytes(
             (cert.serial_number.bit_length() + 7) // 8 or 1, "big")),
         not_after=cert.not_valid_after_utc,
-        trust_domain=str(roots.get("TrustDomain", "")),
+        trust_domain=trust_domain,
         root_ids=tuple(ids),
         active_root_id=str(roots.get("ActiveRootID", "")),
     )
@@ -879,7 +885,7 @@ def _issued_by(cert, issuer) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
         return True
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
 
 
@@ -888,6 +894,8 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise MeshgenError("leaf certificate: has no subject alternative name") from None
+    except ValueError as err:
+        raise MeshgenError(f"leaf certificate: malformed extensions ({_one_line(str(err))})") from None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
         raise MeshgenError(f"leaf certificate: has {len(uris)} URI SANs, want exactly one SPIFFE ID")
@@ -977,7 +985,8 @@ def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, agent: 
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
         lstrip_blocks=True, autoescape=False)
     config = environment.get_template("haproxy.cfg.j2").render(
-        sidecar=sidecar, agent=agent, with_token=token is not None, bundle=str(bundle_dir),
+        sidecar=sidecar, agent=agent, trust_domain=certs.trust_domain, with_token=token is not None,
+        bundle=str(bundle_dir),
         admin_socket=str(admin_socket), token_file=TOKEN_FILE)
     files = {"haproxy.cfg": config.encode(), "roots.pem": certs.roots_pem.encode(),
              "leaf.pem": certs.leaf_pem.encode(),

@@ -1,22 +1,23 @@
-"""Crash consistency: `meshgen render` killed with SIGKILL at random points of its run, many
-times, while a reader keeps loading the bundle the way HAProxy does. Every read finds one run's
-complete set, and the next run cleans up what the killed ones left."""
+"""Crash consistency: `meshgen render` killed with SIGKILL at random points of its run,
+hundreds of times, while another process keeps loading the bundle the way HAProxy does. Every
+read finds one run's complete set, and the next run cleans up what the killed ones left."""
 from __future__ import annotations
 
+import json
 import random
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from cryptography import x509
 
+from campaign import SECRET_TOKEN, argv_leaks, record, scaled, secret_leaks
 from conftest import ROOT, agent_env
 
-KILLS = 80
+KILLS = scaled(200)
 
 
 def read_like_haproxy(out: Path):
@@ -30,11 +31,32 @@ def read_like_haproxy(out: Path):
     return maxconn, leaf.serial_number
 
 
+# The reader runs in a process of its own, as HAProxy does: it reads until SIGTERM, then prints
+# how often it saw each (maxconn, leaf serial) pair and every read that failed.
+READER = """
+import json, signal, sys
+sys.path.insert(0, sys.argv[2])
+from test_atomic_write import read_like_haproxy
+from pathlib import Path
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+seen, errors = {}, []
+while not stop:
+    try:
+        pair = read_like_haproxy(Path(sys.argv[1]))
+    except Exception as err:
+        errors.append(f"{type(err).__name__}: {err}")
+        continue
+    seen["%d %d" % pair] = seen.get("%d %d" % pair, 0) + 1
+print(json.dumps({"seen": seen, "errors": errors[:20], "error_count": len(errors)}))
+"""
+
+
 def test_killed_renders_never_leave_a_mixed_or_partial_bundle(seeded_double, any_haproxy, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--sidecar-for", "www",
                "--out", str(out), "--haproxy", any_haproxy]
-    env = agent_env(seeded_double)
+    env = agent_env(seeded_double, CONSUL_HTTP_TOKEN=SECRET_TOKEN)
     generations = {}   # maxconn -> leaf serial: what one complete run of that generation holds
 
     def next_generation(n: int) -> None:
@@ -51,24 +73,10 @@ def test_killed_renders_never_leave_a_mixed_or_partial_bundle(seeded_double, any
         durations.append(time.monotonic() - start)
     full_run = sorted(durations)[1]
 
-    bad_reads, reads = [], [0]
-    stop = threading.Event()
-
-    def reader():
-        while not stop.is_set():
-            try:
-                maxconn, serial = read_like_haproxy(out)
-            except FileNotFoundError as err:
-                bad_reads.append(f"missing file: {err}")
-                continue
-            reads[0] += 1
-            if generations.get(maxconn) != serial:
-                bad_reads.append(f"mixed: maxconn {maxconn} with leaf serial {serial}")
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(out), str(ROOT / "tests")],
+                              stdout=subprocess.PIPE, text=True)
     rng = random.Random(2026)
-    killed_after_writing = 0
+    killed_after_writing, leaks = 0, []
     try:
         for n in range(2, KILLS + 2):
             next_generation(n)
@@ -76,6 +84,7 @@ def test_killed_renders_never_leave_a_mixed_or_partial_bundle(seeded_double, any
             entries_before = set(out.iterdir())
             process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(rng.uniform(0.5, 1.05) * full_run)
+            leaks += argv_leaks()
             process.send_signal(signal.SIGKILL)
             process.wait()
             after = read_like_haproxy(out)
@@ -83,10 +92,14 @@ def test_killed_renders_never_leave_a_mixed_or_partial_bundle(seeded_double, any
             started_writing = bool(set(out.iterdir()) - entries_before) or after != before
             killed_after_writing += started_writing and process.returncode == -signal.SIGKILL
     finally:
-        stop.set()
-        thread.join()
-    assert bad_reads == []
-    assert reads[0] > KILLS
+        reader.send_signal(signal.SIGTERM)
+        report = json.loads(reader.communicate(timeout=30)[0])
+    assert report["error_count"] == 0, report["errors"]
+    pairs = {tuple(map(int, pair.split())): n for pair, n in report["seen"].items()}
+    mixed = {pair: n for pair, n in pairs.items() if generations.get(pair[0]) != pair[1]}
+    assert mixed == {}
+    reads = sum(pairs.values())
+    assert reads > KILLS
     # The kills must have landed inside the write for the test to mean anything.
     assert killed_after_writing >= KILLS // 4
     final = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -94,3 +107,7 @@ def test_killed_renders_never_leave_a_mixed_or_partial_bundle(seeded_double, any
     assert read_like_haproxy(out) == (KILLS + 1, generations[KILLS + 1])
     assert not [p for p in out.iterdir() if p.name.startswith(".stage-")]
     assert len([p for p in out.iterdir() if p.name.startswith(".bundle-")]) <= 2
+    assert leaks + secret_leaks(out, final.stderr) == []
+    record("crash_consistency", kills=KILLS, killed_while_writing=killed_after_writing,
+           reads=reads, torn_or_mixed_reads=report["error_count"] + len(mixed),
+           distinct_generations_read=len(pairs))
