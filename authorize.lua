@@ -202,7 +202,8 @@ local function decide(txn)
     end
     local uri, why = spiffe_id(der)
     if not uri then return false, why end
-    txn:set_var("sess.meshgen_spiffe", uri)
+    -- Capped in the log: a longer value would cut the access log line before authz= and reason=.
+    txn:set_var("sess.meshgen_spiffe", #uri > 200 and uri:sub(1, 200) .. "..." or uri)
     -- The agent's authorize does not check the trust domain: our CA signs only ours, but a
     -- certificate of another mesh that chains to a listed root must not get in either.
     local domain = uri:match("^spiffe://([^/]+)/")

@@ -604,6 +604,7 @@ class Sidecar:
     local_request_timeout_ms: int
     local_idle_timeout_ms: int
     max_inbound_connections: int
+    hard_stop_after_ms: int       # how long an old worker may drain after a reload
     unsecured_bind: str | None
     syslog_server: str | None
     prometheus_bind: str | None
@@ -643,6 +644,7 @@ def parse_registration(reg: dict, proxy_id: str) -> Sidecar:
         local_request_timeout_ms=config.int("local_request_timeout_ms", 15000),
         local_idle_timeout_ms=config.int("local_idle_timeout_ms", 300000),
         max_inbound_connections=config.int("max_inbound_connections", 0),
+        hard_stop_after_ms=config.int("hard_stop_after_ms", 300000, minimum=1),
         unsecured_bind=(join_host_port(bind_host, check_port(unsecured, "Proxy.Config.unsecured_bind_port"))
                         if unsecured is not None else None),
         syslog_server=_syslog_server(config),
@@ -974,7 +976,9 @@ def bundle_name(*material) -> str:
 
 def render(sidecar: Sidecar, certs: Certificates, agent: AgentAccess, token: str | None,
            out_dir: Path, admin_socket: Path) -> Bundle:
-    name = bundle_name(sidecar, certs, agent, token, str(out_dir.resolve()), str(admin_socket))
+    # Only what reaches the files: a new active root ID with the same certificates is no reload.
+    name = bundle_name(sidecar, certs.roots_pem, certs.leaf_pem, certs.trust_domain, agent, token,
+                       str(out_dir.resolve()), str(admin_socket))
     return render_into(out_dir.resolve() / name, sidecar, certs, agent, token, admin_socket)
 
 

@@ -78,6 +78,10 @@ def test_refused_identities(start_sidecar):
         "two URI SANs": Identity.custom(double, sidecar.ids, "two", double.service_uri("api"),
                                         double.service_uri("web")).context(),
         "URI that is not SPIFFE": Identity.custom(double, sidecar.ids, "https", "https://api.example/").context(),
+        # Signed by our CA, allowed by the intention, but of another trust domain: the agent
+        # would say yes, so authorize.lua must not ask it.
+        "identity of another trust domain": Identity.custom(
+            double, sidecar.ids, "elsewhere", "spiffe://other.consul/ns/default/dc/dc1/svc/api").context(),
     }
     for case, context in cases.items():
         assert talk(sidecar.port, context) is None, case
@@ -86,6 +90,7 @@ def test_refused_identities(start_sidecar):
     assert "Matched L4 intention: default/intruder => default/web (Precedence: 9, Action: DENY)" in log
     assert 'reason="client certificate has 0 URI SANs, want 1"' in log
     assert 'reason="client certificate has 2 URI SANs, want 1"' in log
+    assert 'reason="client certificate is of trust domain other.consul, not this mesh\'s"' in log
     assert log.count("authz=allow") == 0
 
 

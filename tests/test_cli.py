@@ -57,6 +57,15 @@ def test_a_change_in_consul_exits_3_and_keeps_only_the_previous_bundle(seeded_do
     assert on_disk == sorted(bundles[1:])
 
 
+def test_a_change_that_reaches_no_file_asks_for_no_reload(seeded_double, any_haproxy, tmp_path):
+    out = tmp_path / "out"
+    assert render(seeded_double, out, any_haproxy).code == 3
+    roots = seeded_double._roots_json()
+    seeded_double.inject("/v1/agent/connect/ca/roots", body=json.dumps(dict(roots, ActiveRootID="renamed")))
+    run = render(seeded_double, out, any_haproxy)
+    assert run.code == 0, run.stderr
+
+
 def test_dry_run_writes_nothing_and_shows_the_diff(seeded_double, any_haproxy, tmp_path):
     out = tmp_path / "out"
     fresh = render(seeded_double, out, any_haproxy, "--dry-run")

@@ -68,6 +68,7 @@ def test_full_example_carries_every_setting():
     for expected in [
         "bind 10.0.0.10:21000 ssl crt",                        # bind_address, bind_port as string
         "maxconn 512",                                          # max_inbound_connections
+        "hard-stop-after 45000ms",                              # hard_stop_after_ms
         "timeout connect 2000ms\n    server app 127.0.0.1:8080",  # local_connect_timeout_ms
         "timeout server 30000ms",                               # local_request_timeout_ms
         "timeout client 120000ms",                              # local_idle_timeout_ms
