@@ -196,8 +196,10 @@ local function decide(txn)
         settings = loaded
     end
     local der = txn.f:ssl_c_der()
-    if (der == nil or der == "") and txn.f:ssl_c_used() then
-        -- HAProxy hands a certificate larger than its buffer (tune.bufsize) to Lua as nothing.
+    -- HAProxy hands a certificate larger than its buffer (tune.bufsize) to Lua as nothing.
+    -- Boolean fetches reach Lua as 0 or 1, and 0 is true in Lua.
+    local used = txn.f:ssl_c_used()
+    if (der == nil or der == "") and (used == true or used == 1) then
         return false, "client certificate too large"
     end
     local uri, why = spiffe_id(der)
