@@ -50,7 +50,8 @@ def rows_for(part: str, records: list[dict]) -> list[tuple[str, str, str, str]]:
             rows.append(("hypothesis: registration, Config, upstreams, health entries, roots, leaf",
                          r["haproxy"], str(r["cases"]),
                          f"{rendered} new bundles passed haproxy -c, {unchanged} unchanged, no "
-                         f"injection trace in any; {refused} refused with one line, DIR unchanged"))
+                         f"injection trace in any; {refused} refused with one line, DIR unchanged "
+                         f"({r['haproxy_c_rejections']} of them by haproxy -c)"))
         elif part == "fuzz_client_certificates":
             rows.append(("hostile client certificates over mTLS (SANs, raw DER, size)", r["haproxy"],
                          str(r["cases"]),
@@ -68,7 +69,7 @@ def rows_for(part: str, records: list[dict]) -> list[tuple[str, str, str, str]]:
                          f"{r['cycles']} cycles",
                          f"{r['requests']} requests, {r['failed']} failed; old workers peak "
                          f"{r['peak_old_workers']}, {r['old_workers_after_hard_stop']} after "
-                         f"hard-stop-after; master RSS +{r['master_rss_growth_kib']} KiB"))
+                         f"hard-stop-after; master RSS {r['master_rss_growth_kib']:+d} KiB"))
         elif part == "watch_faults":
             faults = r["faults"]
             served = sum(f["served"] for f in faults)
