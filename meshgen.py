@@ -990,8 +990,7 @@ def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, agent: 
         lstrip_blocks=True, autoescape=False)
     config = environment.get_template("haproxy.cfg.j2").render(
         sidecar=sidecar, agent=agent, trust_domain=certs.trust_domain, with_token=token is not None,
-        bundle=str(bundle_dir),
-        admin_socket=str(admin_socket), token_file=TOKEN_FILE)
+        bundle=str(bundle_dir), admin_socket=str(admin_socket), token_file=TOKEN_FILE)
     files = {"haproxy.cfg": config.encode(), "roots.pem": certs.roots_pem.encode(),
              "leaf.pem": certs.leaf_pem.encode(),
              "authorize.lua": resource("authorize.lua").read_bytes()}
