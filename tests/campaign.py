@@ -12,9 +12,10 @@ import stat
 import subprocess
 from pathlib import Path
 
+from meshgen import TOKEN_FILE
+
 # A token no real agent would hand out: any sighting of it outside the token file is a leak.
 SECRET_TOKEN = "c0ffee00-5ec2-e7ab-1e55-70ce4e9a11ed"
-TOKEN_FILE = "consul-token"
 KEY_FILES = ("leaf.pem", TOKEN_FILE)
 
 

@@ -150,8 +150,16 @@ class HAProxy:
 
     def workers(self) -> list[str]:
         """PIDs of the current workers (not the old ones still draining)."""
-        current = self.master("show proc").split("# old workers")[0]
-        return [line.split()[0] for line in current.splitlines() if " worker " in line]
+        return self._worker_pids(current=True)
+
+    def old_workers(self) -> list[str]:
+        """PIDs of the old workers still draining after reloads."""
+        return self._worker_pids(current=False)
+
+    def _worker_pids(self, current: bool) -> list[str]:
+        current_part, _, old_part = self.master("show proc").partition("# old workers")
+        listing = current_part if current else old_part
+        return [line.split()[0] for line in listing.splitlines() if " worker " in line]
 
     def reload(self) -> None:
         """Reload as start.sh does (SIGUSR2 to the master), and wait for the new worker."""
@@ -174,6 +182,14 @@ class HAProxy:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+def rss_kib(pid: int) -> int:
+    """A process's resident memory, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def wait_listening(port: int, process=None, timeout: float = 10.0) -> None:

@@ -159,7 +159,6 @@ def test_check_accepts_valid_definitions(definition, haproxy, tmp_path):
 
 def test_check_expands_the_sidecar_as_the_agent_does(seeded_double):
     import meshgen
-    from conftest import RealAgent  # noqa: F401  (the same comparison holds against a real agent)
     import requests
     agent_view = requests.get(seeded_double.url + "/v1/agent/service/www-sidecar-proxy", timeout=5).json()
     expanded = meshgen.expand_definition(seed_definition("www"), "seed")

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import zlib
 import ssl
 import time
+import zlib
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -25,7 +24,8 @@ from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
 from campaign import SECRET_TOKEN, argv_leaks, haproxy_version, record, scaled, secret_leaks
-from harness import EchoServer, HAProxy, Identity, free_port, meshgen_render, register_sidecar, talk
+from harness import Identity, rss_kib, talk
+from test_authorize import start_sidecar  # noqa: F401  (fixture)
 
 EXAMPLES_PER_HAPROXY = scaled(300)
 MAX_DER = 16384             # authorize.lua refuses larger client certificates unread
@@ -140,34 +140,20 @@ def sign(double, key, extensions, subject) -> bytes:
     return builder.sign(signer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
 @pytest.fixture
-def web_sidecar(double, haproxy, tmp_path, monkeypatch):
-    echo = EchoServer()
-    port = free_port()
+def web_sidecar(double, start_sidecar, monkeypatch):
+    """The `web` sidecar with ACLs on, intentions letting in `api` alone, and a small decision
+    cache, so that memory must stay bounded while new certificates keep coming."""
     double.enable_acls("deny")
     double.add_token({"service_prefix:": "write"}, SECRET_TOKEN)
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", SECRET_TOKEN)
     double.set_intention(ALLOWED, "web", "allow")
     double.set_intention("*", "web", "deny")
-    proxy_id = register_sidecar(double, "web", port, echo.port,
-                                {"authorize_timeout_ms": 1000, "authorize_cache_size": 64})
-    out = tmp_path / "out"
-    assert meshgen_render(double, proxy_id, out, haproxy) == 3
-    process = HAProxy(haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=port)
-    yield port, process, out
-    process.stop()
-    echo.close()
+    return start_sidecar({"authorize_cache_size": 64})
 
 
 def test_hostile_client_certificates_are_refused_and_haproxy_holds(double, web_sidecar, haproxy, tmp_path):
-    port, process, out = web_sidecar
+    port, process, out = web_sidecar.port, web_sidecar.haproxy, web_sidecar.out
     td = double.ca.trust_domain
     key = ec.generate_private_key(ec.SECP256R1())
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

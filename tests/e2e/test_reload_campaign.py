@@ -7,27 +7,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from pathlib import Path
 
 from campaign import SECRET_TOKEN, argv_leaks, haproxy_version, record, scaled, secret_leaks
-from harness import free_port
+from harness import free_port, rss_kib
 from test_mesh import mesh, redis_ping, redis_server  # noqa: F401  (fixtures)
 
 CYCLES = scaled(100)
 HARD_STOP_MS = 2000
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def old_workers(sidecar) -> list[str]:
-    listing = sidecar.haproxy.master("show proc")
-    old = listing.split("# old workers")[1] if "# old workers" in listing else ""
-    return [line.split()[0] for line in old.splitlines() if " worker " in line]
 
 
 def test_reloads_under_load_lose_no_request_and_leave_no_worker(mesh, double, redis_server,  # noqa: F811
@@ -65,7 +51,7 @@ def test_reloads_under_load_lose_no_request_and_leave_no_worker(mesh, double, re
                 double.update_service(sidecar.proxy_id, lambda s: s["Proxy"]["Config"].update(
                     local_connect_timeout_ms=1000 + cycle))
                 assert sidecar.render_and_reload(), cycle
-            peak_old = max(peak_old, *(len(old_workers(s)) for s in sidecars))
+            peak_old = max(peak_old, *(len(s.haproxy.old_workers()) for s in sidecars))
             if cycle == max(1, CYCLES // 10):
                 rss_early = {name: rss_kib(pid) for name, pid in masters.items()}
     finally:
@@ -79,9 +65,9 @@ def test_reloads_under_load_lose_no_request_and_leave_no_worker(mesh, double, re
 
     # hard-stop-after ends the old workers the idle connection kept alive.
     deadline = time.monotonic() + HARD_STOP_MS / 1000 + 5
-    while any(old_workers(s) for s in sidecars) and time.monotonic() < deadline:
+    while any(s.haproxy.old_workers() for s in sidecars) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left_behind = [pid for s in sidecars for pid in old_workers(s)]
+    left_behind = [pid for s in sidecars for pid in s.haproxy.old_workers()]
     assert left_behind == []
     assert peak_old >= 2        # idle connections did hold old workers: the bound was tested
     for connection in idle:
