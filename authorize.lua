@@ -107,12 +107,43 @@ local function json_string(s)
     return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end) .. '"'
 end
 
+local JSON_ESCAPES = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = " ", f = " ", n = " ", r = " ", t = " " }
+
+-- The JSON string that starts at `pos` (its opening quote), decoded: Consul escapes `>` as
+-- \u003e. Control characters become spaces, so that a reason stays one log line.
+local function json_string_at(s, pos)
+    local out, i = {}, pos + 1
+    while i <= #s do
+        local c = s:sub(i, i)
+        if c == '"' then return table.concat(out) end
+        if c == "\\" then
+            local e = s:sub(i + 1, i + 1)
+            if e == "u" then
+                local code = tonumber(s:sub(i + 2, i + 5):match("^%x%x%x%x$") or "", 16)
+                if not code then return nil end
+                out[#out + 1] = code < 0x20 and " " or utf8.char(code)
+                i = i + 6
+            elseif JSON_ESCAPES[e] then
+                out[#out + 1] = JSON_ESCAPES[e]
+                i = i + 2
+            else
+                return nil
+            end
+        else
+            out[#out + 1] = c:byte() < 0x20 and " " or c
+            i = i + 1
+        end
+    end
+    return nil
+end
+
 local function parse_decision(body)
     if type(body) ~= "string" or #body > 65536 then return nil end
     local authorized = body:match('"Authorized"%s*:%s*(%a+)')
     if authorized ~= "true" and authorized ~= "false" then return nil end
-    local reason = body:match('"Reason"%s*:%s*"(.-)"%s*[,}]') or ""
-    return authorized == "true", reason:gsub('\\"', '"'):sub(1, 200)
+    local start = body:match('"Reason"%s*:%s*()"')
+    local reason = start and json_string_at(body, start) or ""
+    return authorized == "true", reason:sub(1, 200)
 end
 
 local function colon_hex(bin)

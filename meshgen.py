@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
 import click
@@ -47,6 +48,24 @@ Exit codes:
   3  files changed: reload HAProxy
   1  error: nothing on disk changed
   2  usage error"""
+
+# The output directory, as `render --out DIR` leaves it:
+#
+# DIR/
+#   .bundle-<digest>/           one complete bundle per run that changed something, named by a
+#     haproxy.cfg leaf.pem      digest of what it was made from; the previous one is kept for a
+#     roots.pem authorize.lua   reload that began before the swap
+#     [consul-token]
+#   .stage-<random>/            a bundle being written; renamed to .bundle-<digest> once durable
+#   live -> .bundle-<digest>    swapped by one rename: the bundle HAProxy runs on
+#   haproxy.cfg -> live/haproxy.cfg, leaf.pem -> live/leaf.pem, ...    stable names
+#   .meshgen-state.json         what the last run saw, for the next run's --wait
+BUNDLE_PREFIX = ".bundle-"
+STAGE_PREFIX = ".stage-"
+LIVE = "live"
+STATE_FILE = ".meshgen-state.json"
+TOKEN_FILE = "consul-token"
+SECRET_FILES = ("leaf.pem", TOKEN_FILE)     # written 0600
 
 
 class MeshgenError(Exception):
@@ -155,10 +174,27 @@ class _UnixSocketPool(urllib3.HTTPConnectionPool):
         return _UnixSocketConnection(self._socket_path, timeout=self.timeout.connect_timeout)
 
 
+class UpstreamKey(NamedTuple):
+    """What identifies an upstream, as Consul keeps upstreams unique; written as one string
+    (`service|redis||`) in the state file."""
+    kind: str                 # service | prepared_query
+    name: str
+    datacenter: str = ""
+    peer: str = ""
+
+    def __str__(self) -> str:
+        return "|".join(self)
+
+    @classmethod
+    def parse(cls, text: str) -> "UpstreamKey":
+        return cls(*text.split("|"))
+
+
 @dataclass(frozen=True)
 class Reply:
     data: object
     index: int | None
+    filtered_by_acls: bool = False    # the agent left out what the token may not read
 
 
 class ConsulClient:
@@ -211,7 +247,8 @@ class ConsulClient:
         except ValueError as err:
             raise MeshgenError(f"{where}: malformed JSON from the Consul agent ({_one_line(str(err))})") from None
         index = response.headers.get("X-Consul-Index")
-        return Reply(data, int(index) if index and index.isdigit() else None)
+        return Reply(data, int(index) if index and index.isdigit() else None,
+                     response.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true")
 
 
 def _status_message(status: int, body: str) -> str:
@@ -240,7 +277,8 @@ def find_sidecar_id(client: ConsulClient, service_id: str) -> str:
     if not matches:
         raise MeshgenError(f"--sidecar-for {service_id}: no connect-proxy service on this agent "
                            f"has Proxy.DestinationServiceID {service_id!r} (with ACLs on, the agent "
-                           "hides services the token cannot read: it needs service:read)")
+                           "hides services the token cannot read: it needs service:read on the "
+                           f"sidecar's own service, such as {service_id + '-sidecar-proxy'!r})")
     if len(matches) > 1:
         raise MeshgenError(f"--sidecar-for {service_id}: several sidecars front it "
                            f"({', '.join(matches)}); choose one with --proxy-id")
@@ -276,27 +314,31 @@ def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstre
                          {key: future.result() for key, future in instances.items()})
 
 
-def instances_request(key: tuple) -> tuple[str, dict]:
+def instances_request(key: UpstreamKey) -> tuple[str, dict]:
     """Path and query of an upstream's healthy instances: health/connect for a service (blocking
     queries work there), the execute endpoint for a prepared query (they do not)."""
-    kind, name, datacenter, peer = key
-    params = {"dc": datacenter} if datacenter else {}
-    if kind == "prepared_query":
-        return f"/v1/query/{quote(name, safe='')}/execute", dict(params, connect="true")
-    if peer:
-        params["peer"] = peer
-    return f"/v1/health/connect/{quote(name, safe='')}", dict(params, passing="")
+    params = {"dc": key.datacenter} if key.datacenter else {}
+    if key.kind == "prepared_query":
+        return f"/v1/query/{quote(key.name, safe='')}/execute", dict(params, connect="true")
+    if key.peer:
+        params["peer"] = key.peer
+    return f"/v1/health/connect/{quote(key.name, safe='')}", dict(params, passing="")
 
 
-def fetch_instances(client: ConsulClient, key: tuple, extra: dict | None = None) -> Reply:
+def fetch_instances(client: ConsulClient, key: UpstreamKey, extra: dict | None = None) -> Reply:
     path, params = instances_request(key)
     reply = client.get(path, dict(params, **(extra or {})))
-    entries = reply.data.get("Nodes") if key[0] == "prepared_query" and isinstance(reply.data, dict) \
+    entries = reply.data.get("Nodes") if key.kind == "prepared_query" and isinstance(reply.data, dict) \
         else reply.data
     if entries is None:
         entries = []
     if not isinstance(entries, list):
         raise MeshgenError(f"GET {path}: expected a JSON list of health entries")
+    # Current Consul says when ACLs filtered the answer; 1.8.7 says nothing, but answers
+    # index 1 (which no written table has) and does not block on it.
+    if not entries and key.kind == "service" and (reply.filtered_by_acls or reply.index == 1):
+        raise MeshgenError(f"GET {path}: the agent hid the instances of upstream {key.name!r}: the token "
+                           f"cannot read them (it needs service:read on {key.name!r} and node:read)")
     return Reply(entries, reply.index)
 
 
@@ -304,9 +346,7 @@ def fetch_instances(client: ConsulClient, key: tuple, extra: dict | None = None)
 #
 # `render --wait` blocks, all at once, on what the previous run saw: the registration by its
 # ContentHash, the roots, the leaf and each upstream's health by index. A prepared query cannot
-# block, so it is polled. The previous run's markers live beside the bundle.
-
-STATE_FILE = ".meshgen-state.json"
+# block, so it is polled. The previous run's markers live beside the bundle (STATE_FILE).
 
 
 @dataclass(frozen=True)
@@ -315,22 +355,23 @@ class WatchState:
     service: str
     registration_hash: str
     roots_index: int
+    active_root_id: str        # a restarted agent can bring a new CA at the same roots index
     leaf_index: int
-    instances: dict            # "kind|name|dc|peer" -> health index, or a digest for a query
+    instances: dict            # str(UpstreamKey) -> health index, or a digest for a query
     loaded_bundle: str         # the bundle HAProxy was last told to load: its runtime names
 
     @classmethod
     def of_run(cls, proxy_id: str, registration: dict, sidecar: Sidecar, data: AgentData,
                loaded_bundle: str) -> "WatchState":
         return cls(proxy_id, sidecar.service, str(registration.get("ContentHash", "")),
-                   data.roots.index or 0, data.leaf.index or 0,
-                   {"|".join(key): _marker(key, reply) for key, reply in sorted(data.instances.items())},
+                   data.roots.index or 0, str(data.roots.data.get("ActiveRootID", "")), data.leaf.index or 0,
+                   {str(key): _marker(key, reply) for key, reply in sorted(data.instances.items())},
                    loaded_bundle)
 
 
-def _marker(key: tuple, reply: Reply):
+def _marker(key: UpstreamKey, reply: Reply):
     """What tells a change: the index, or for a prepared query (no index) a digest of the answer."""
-    if key[0] == "prepared_query":
+    if key.kind == "prepared_query":
         return hashlib.sha256(json.dumps(reply.data, sort_keys=True).encode()).hexdigest()
     return reply.index or 0
 
@@ -344,14 +385,26 @@ def read_state(out_dir: Path) -> WatchState | None:
 
 def write_state(out_dir: Path, state: WatchState) -> None:
     tmp = out_dir / f"{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(dataclasses.asdict(state), sort_keys=True))
-    os.replace(tmp, out_dir / STATE_FILE)
+    try:
+        tmp.write_text(json.dumps(dataclasses.asdict(state), sort_keys=True))
+        os.replace(tmp, out_dir / STATE_FILE)
+    except OSError as err:
+        raise MeshgenError(f"--out {out_dir}: cannot write {STATE_FILE}: {err.strerror or err}") from None
 
 
 def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, poll_interval: float,
                     max_blocking: int) -> bool:
     """True as soon as anything the last run saw has changed (or cannot be read: the render
     that follows reports why), False when `seconds` pass without a change."""
+    # A dev agent restarted (or a cluster rebuilt) comes back with a new CA at indexes that can
+    # equal the saved ones (measured on Consul 1.8.7): blocking on them would wait out the whole
+    # period while the sidecar serves certificates of a dead CA. One plain read of the roots first.
+    try:
+        roots = client.get("/v1/agent/connect/ca/roots")
+    except MeshgenError:
+        return True
+    if not isinstance(roots.data, dict) or str(roots.data.get("ActiveRootID", "")) != state.active_root_id:
+        return True
     changed = threading.Event()
     deadline = time.monotonic() + seconds
 
@@ -383,8 +436,8 @@ def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, pol
     ]
     polled = []
     for name, marker in sorted(state.instances.items()):
-        key = tuple(name.split("|"))
-        if key[0] == "prepared_query" or len(watches) >= max_blocking:
+        key = UpstreamKey.parse(name)
+        if key.kind == "prepared_query" or len(watches) >= max_blocking:
             polled.append((key, marker))
         else:
             watches.append((lambda index, wait, key=key: fetch_instances(client, key, dict(wait, index=index)).index,
@@ -541,8 +594,21 @@ class PassiveHealthCheck:
     ejection_ms: int | None
 
 
+class _Speaks:
+    """What a listener's `protocol` means for haproxy.cfg."""
+    protocol: str
+
+    @property
+    def http(self) -> bool:
+        return self.protocol != "tcp"
+
+    @property
+    def h2(self) -> bool:
+        return self.protocol in ("http2", "grpc")
+
+
 @dataclass(frozen=True)
-class Upstream:
+class Upstream(_Speaks):
     kind: str                     # service | prepared_query
     name: str
     datacenter: str | None
@@ -557,8 +623,12 @@ class Upstream:
     instances: tuple[Instance, ...] = ()
 
     @property
-    def key(self) -> tuple:
-        return (self.kind, self.name, self.datacenter or "", self.peer or "")
+    def on_socket(self) -> bool:
+        return self.bind.startswith("/")
+
+    @property
+    def key(self) -> UpstreamKey:
+        return UpstreamKey(self.kind, self.name, self.datacenter or "", self.peer or "")
 
     @property
     def identities(self) -> tuple[str, ...]:
@@ -570,18 +640,29 @@ class Upstream:
 
     @property
     def proxy_name(self) -> str:
-        """The frontend and backend name in haproxy.cfg: unique as Consul keeps upstreams unique."""
+        """The backend name in haproxy.cfg and on the runtime API: unique as Consul keeps
+        upstreams unique."""
         prefix = "query" if self.kind == "prepared_query" else "upstream"
         suffix = "".join(f".{part}" for part in (self.datacenter, self.peer) if part)
         return f"{prefix}_{self.name}{suffix}"
+
+    @property
+    def listener_name(self) -> str:
+        """The frontend name: HAProxy 3.3 and later refuse a frontend named as a backend."""
+        return f"listener_{self.proxy_name}"
 
 
 @dataclass(frozen=True)
 class ExposePath:
     listener_port: int
+    listener_bind: str            # the public listener's address, on this path's port
     path: str
-    local_path_port: int
+    local_address: str            # where the app serves it: host:port, as Envoy dials it
     protocol: str
+
+    @property
+    def h2(self) -> bool:
+        return self.protocol == "http2"
 
 
 @dataclass(frozen=True)
@@ -592,9 +673,15 @@ class Authorization:
     cache_size: int
     grace_ms: int
 
+    @property
+    def agent_call_timeout_ms(self) -> int:
+        """Per attempt: HAProxy 2.6's HTTP client tries a request up to 4 times, and the whole
+        check must fit in timeout_ms."""
+        return math.ceil(self.timeout_ms / 4)
+
 
 @dataclass(frozen=True)
-class Sidecar:
+class Sidecar(_Speaks):
     proxy_id: str
     service: str                  # Proxy.DestinationServiceName: the leaf's and authorize's name
     public_bind: str
@@ -612,6 +699,11 @@ class Sidecar:
     authorization: Authorization
     upstreams: tuple[Upstream, ...]
     expose_paths: tuple[ExposePath, ...]
+
+    @property
+    def app_response_timeout_ms(self) -> int:
+        """HTTP only: how long the app may take to answer; no request timeout leaves the idle one."""
+        return self.local_request_timeout_ms or self.local_idle_timeout_ms
 
 
 def parse_registration(reg: dict, proxy_id: str) -> Sidecar:
@@ -656,7 +748,7 @@ def parse_registration(reg: dict, proxy_id: str) -> Sidecar:
             cache_size=config.int("authorize_cache_size", 10000, minimum=1),
             grace_ms=config.int("authorize_grace_ms", 0)),
         upstreams=tuple(sorted((u for u in upstreams if u is not None), key=lambda u: u.key)),
-        expose_paths=tuple(sorted(_expose_paths(proxy), key=lambda p: p.listener_port)),
+        expose_paths=tuple(sorted(_expose_paths(proxy, bind_host), key=lambda p: p.listener_port)),
     )
 
 
@@ -743,10 +835,13 @@ def _passive_health_check(config: ConfigMap) -> PassiveHealthCheck | None:
         ejection_ms=None if ejection is None else check_duration_ms(ejection, ejection_field))
 
 
-def _expose_paths(proxy: dict) -> list[ExposePath]:
+def _expose_paths(proxy: dict, bind_host: str) -> list[ExposePath]:
+    """Plain HTTP listeners for health checks. They reach the app on LocalServiceAddress (or
+    127.0.0.1) at LocalPathPort, as Envoy does, even when the app itself serves on a socket."""
     expose = proxy.get("Expose") or {}
     if not isinstance(expose, dict):
         raise MeshgenError("Proxy.Expose: expected an object")
+    local_host = check_host(proxy.get("LocalServiceAddress") or "127.0.0.1", "Proxy.LocalServiceAddress")
     paths = []
     for i, raw in enumerate(_list(expose.get("Paths"), "Proxy.Expose.Paths")):
         field = f"Proxy.Expose.Paths[{i}]"
@@ -758,8 +853,10 @@ def _expose_paths(proxy: dict) -> list[ExposePath]:
         protocol = raw.get("Protocol") or "http"
         if protocol not in ("http", "http2"):
             raise MeshgenError(f"{field}.Protocol: {protocol!r} is not http or http2")
-        paths.append(ExposePath(check_port(raw.get("ListenerPort"), f"{field}.ListenerPort"), path,
-                                check_port(raw.get("LocalPathPort"), f"{field}.LocalPathPort"), protocol))
+        listener_port = check_port(raw.get("ListenerPort"), f"{field}.ListenerPort")
+        local_port = check_port(raw.get("LocalPathPort"), f"{field}.LocalPathPort")
+        paths.append(ExposePath(listener_port, join_host_port(bind_host, listener_port), path,
+                                join_host_port(local_host, local_port), protocol))
     return paths
 
 
@@ -842,10 +939,13 @@ def check_certificates(roots: dict, leaf: dict, service: str, now: dt.datetime) 
         raise MeshgenError("leaf certificate: CertPEM holds a public key meshgen cannot read") from None
     if key.public_key().public_bytes(serialization.Encoding.DER, spki) != cert_key:
         raise MeshgenError("leaf certificate: PrivateKeyPEM does not match the certificate's public key")
-    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
-        raise MeshgenError(f"leaf certificate: not valid now ({now:%Y-%m-%dT%H:%M:%SZ}); valid from "
-                           f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
-                           f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+    if now >= cert.not_valid_after_utc:
+        raise MeshgenError(f"leaf certificate: expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ} "
+                           f"(now {now:%Y-%m-%dT%H:%M:%SZ}); the agent renews leaves before they expire: "
+                           "is it cut off from the Consul servers?")
+    if now < cert.not_valid_before_utc:
+        raise MeshgenError(f"leaf certificate: not valid until {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} "
+                           f"(now {now:%Y-%m-%dT%H:%M:%SZ}); is this machine's clock behind?")
     trust_domain = roots.get("TrustDomain") or ""
     if not isinstance(trust_domain, str) or (trust_domain and not _HOSTNAME.fullmatch(trust_domain)):
         raise MeshgenError(f"CA roots: TrustDomain: {trust_domain!r} is not a domain name")
@@ -915,8 +1015,6 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
 # =========================================================================== render
 
 HERE = Path(__file__).resolve().parent
-TOKEN_FILE = "consul-token"
-SECRET_FILES = ("leaf.pem", TOKEN_FILE)
 
 
 def resource(relative: str) -> Path:
@@ -935,6 +1033,10 @@ class AgentAccess:
     dst: str | None
     ca_file: str | None
     verify: bool
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("https:")
 
     @classmethod
     def from_settings(cls, settings: ConsulSettings) -> "AgentAccess":
@@ -960,9 +1062,6 @@ class Bundle:
 
     def mode(self, name: str) -> int:
         return 0o600 if name in SECRET_FILES else 0o644
-
-
-BUNDLE_PREFIX = ".bundle-"
 
 
 def bundle_name(*material) -> str:
@@ -1009,8 +1108,8 @@ def find_haproxy(haproxy: str) -> str:
     return found
 
 
-def validate(bundle_dir: Path, haproxy: str) -> None:
-    """`haproxy -c` on a written bundle, in the place it will run from."""
+def validate(bundle_dir: Path, haproxy: str) -> list[str]:
+    """`haproxy -c` on a written bundle, in the place it will run from; its warnings, if any."""
     try:
         result = subprocess.run([haproxy, "-c", "-f", str(bundle_dir / "haproxy.cfg")],
                                 capture_output=True, text=True, timeout=120)
@@ -1022,17 +1121,13 @@ def validate(bundle_dir: Path, haproxy: str) -> None:
                   and "Error(s) found" not in line]
         raise MeshgenError("haproxy -c rejected the rendered config: "
                            + _one_line((alerts or output or ["no output"])[0]))
+    return [_one_line(line) for line in (result.stdout + result.stderr).splitlines() if "WARNING" in line]
 
 
 # =========================================================================== write
 #
-# DIR/
-#   .bundle-<digest>/       one complete bundle per run that changed something
-#   live -> .bundle-<digest>  swapped by one rename: the bundle HAProxy runs on
-#   haproxy.cfg -> live/haproxy.cfg, leaf.pem -> live/leaf.pem, ...  stable names
-
-LIVE = "live"
-STAGE_PREFIX = ".stage-"
+# The layout of DIR is drawn at the top of this file. A bundle goes live in the numbered steps
+# of write_bundle; every step before the swap leaves the live bundle untouched.
 
 
 def live_name(out_dir: Path) -> str | None:
@@ -1115,19 +1210,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = write_files(bundle, out_dir)
+def write_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None) -> list[str]:
+    """Make `bundle` the live one; `haproxy -c`'s warnings. An error of any step leaves the
+    live bundle as it was, and is one line naming --out."""
     try:
-        if haproxy:
-            validate(written, haproxy)
-    except MeshgenError:
-        if live_name(out_dir) != bundle.name:
-            shutil.rmtree(written, ignore_errors=True)
-        raise
-    previous = swap_live(out_dir, bundle)
-    link_names(out_dir, sorted(bundle.files))
-    remove_stale(out_dir, {bundle.name, previous})
+        # 1. The whole bundle, durably, in a directory of its own (staged, then renamed).
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = write_files(bundle, out_dir)
+        # 2. haproxy -c on it where it will run from; a refused bundle is removed again.
+        try:
+            warnings = validate(written, haproxy) if haproxy else []
+        except MeshgenError:
+            if live_name(out_dir) != bundle.name:
+                shutil.rmtree(written, ignore_errors=True)
+            raise
+        # 3. One rename of the `live` link: the swap.
+        previous = swap_live(out_dir, bundle)
+        # 4. The stable names through `live`, then bundles no reload can still be reading.
+        link_names(out_dir, sorted(bundle.files))
+        remove_stale(out_dir, {bundle.name, previous})
+    except OSError as err:
+        raise MeshgenError(_write_error(out_dir, err)) from None
+    return warnings
+
+
+def _write_error(out_dir: Path, err: OSError) -> str:
+    where = f" ({err.filename})" if err.filename and str(err.filename) != str(out_dir) else ""
+    return f"--out {out_dir}: cannot write the bundle: {err.strerror or err}{where}"
 
 
 def bundle_diff(old: dict, new: dict) -> list[str]:
@@ -1228,10 +1337,15 @@ def _consul_options(command):
     return command
 
 
-def _connect(ctx_params: dict) -> tuple[ConsulSettings, ConsulClient, str]:
-    sidecar_for, proxy_id = ctx_params.pop("sidecar_for"), ctx_params.pop("proxy_id")
-    if bool(sidecar_for) == bool(proxy_id):
+def _check_usage(ctx_params: dict) -> None:
+    """Usage errors before anything else is looked at."""
+    if bool(ctx_params["sidecar_for"]) == bool(ctx_params["proxy_id"]):
         raise click.UsageError("give exactly one of --sidecar-for and --proxy-id")
+
+
+def _connect(ctx_params: dict) -> tuple[ConsulSettings, ConsulClient, str]:
+    _check_usage(ctx_params)
+    sidecar_for, proxy_id = ctx_params.pop("sidecar_for"), ctx_params.pop("proxy_id")
     settings = consul_settings(**ctx_params)
     client = ConsulClient(settings)
     return settings, client, proxy_id or find_sidecar_id(client, sidecar_for)
@@ -1275,7 +1389,93 @@ def duration(value: str | None, option: str) -> float | None:
     raise click.BadParameter(f"{value!r} is not a duration such as 30s or 5m", param_hint=option)
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+# =========================================================================== one run
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """What `render` was asked to do, options parsed and checked."""
+    out_dir: Path
+    admin_socket: Path
+    haproxy: str | None                 # None: no haproxy -c (--no-validate)
+    dry_run: bool = False
+    wait_seconds: float | None = None
+    poll_seconds: float = 30.0
+    max_blocking: int = 256
+    runtime_socket: Path | None = None
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    """What one run did, as consul-template's RenderResult says whether it rendered and would
+    render. `changed`: the new bundle differs from the live one (on a dry run: would differ).
+    `written`: it is live now. `applied_live`: the running HAProxy took the change through its
+    runtime API, so no reload is due. `waited_out`: --wait passed with nothing changed."""
+    proxy_id: str
+    changed: bool = False
+    written: bool = False
+    applied_live: bool = False
+    waited_out: bool = False
+    diff: str = ""
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def reload_needed(self) -> bool:
+        return self.changed and not self.applied_live
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CHANGED if self.reload_needed else EXIT_UNCHANGED
+
+
+def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
+               request: RenderRequest) -> RenderResult:
+    """One render, step by step; it prints nothing and decides no exit code."""
+    out_dir = request.out_dir
+    # 1. What the last run saw: the markers --wait blocks on, the bundle HAProxy has loaded.
+    stored = read_state(out_dir)
+    previous = stored if stored is not None and stored.proxy_id == proxy_id else None
+    # 2. With --wait, once there is a last run: block on Consul until something it saw changes.
+    if request.wait_seconds is not None and previous is not None and not request.dry_run:
+        watcher = ConsulClient(dataclasses.replace(settings, timeout=settings.timeout + request.wait_seconds * 17 / 16),
+                               pool_size=request.max_blocking)
+        if not wait_for_change(watcher, previous, request.wait_seconds, request.poll_seconds,
+                               request.max_blocking):
+            return RenderResult(proxy_id, waited_out=True)
+    # 3. Fetch and model: every value checked, certificates verified.
+    sidecar, certs, seen = _fetch_model(client, proxy_id)
+    # 4. Render in memory, and compare with the live bundle before writing anything.
+    access = AgentAccess.from_settings(settings)
+    bundle = render(sidecar, certs, access, settings.token, out_dir, request.admin_socket)
+    live, live_files = live_bundle(out_dir)
+    changed = (live, live_files) != (bundle.name, bundle.files)
+    # 5. A dry run stops here, with the diff; a changed bundle is still checked, as a twin
+    #    rendered for a scratch directory (the real one names its final directory).
+    if request.dry_run:
+        warnings = []
+        if changed and request.haproxy:
+            with tempfile.TemporaryDirectory(prefix="meshgen-dry-run-") as scratch:
+                twin = render(sidecar, certs, access, settings.token, Path(scratch), request.admin_socket)
+                warnings = validate(write_files(twin, Path(scratch)), request.haproxy)
+        return RenderResult(proxy_id, changed=changed, diff="".join(bundle_diff(live_files, bundle.files)),
+                            warnings=tuple(warnings))
+    # 6. Write, check and swap in the new bundle (write_bundle's own steps).
+    warnings = write_bundle(out_dir, bundle, request.haproxy) if changed else []
+    # 7. A change of CA roots alone goes to the running HAProxy instead of a reload, if asked.
+    loaded = (previous.loaded_bundle if previous else "") or live or bundle.name
+    applied = (changed and request.runtime_socket is not None and live is not None
+               and roots_only(live_files, out_dir.resolve() / live, bundle, out_dir.resolve() / bundle.name)
+               and apply_roots_live(request.runtime_socket, out_dir.resolve() / loaded, bundle.files["roots.pem"]))
+    if changed and not applied:
+        loaded = bundle.name    # the wrapper reloads HAProxy on exit 3
+    # 8. What this run saw, for the next; not rewritten when it is the same.
+    state = dataclasses.replace(seen, loaded_bundle=loaded)
+    if state != stored:
+        write_state(out_dir, state)
+    return RenderResult(proxy_id, changed=changed, written=changed, applied_live=applied,
+                        warnings=tuple(warnings))
+
+
+@cli.command("render", epilog=EXIT_CODES_HELP)
 @_consul_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Bundle directory: haproxy.cfg, PEMs, authorize.lua, swapped as a whole.")
@@ -1299,56 +1499,37 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
                    admin_socket: Path | None, wait_for: str | None, poll_interval: str,
                    max_blocking: int, runtime_socket: Path | None, **consul):
     """Fetch the sidecar from the local agent, render, validate and swap in its bundle."""
-    wait_seconds, poll_seconds = duration(wait_for, "--wait"), duration(poll_interval, "--poll-interval")
-    haproxy_path = None if no_validate else find_haproxy(haproxy)
+    _check_usage(consul)
+    request = RenderRequest(
+        out_dir=out_dir,
+        admin_socket=Path(check_path(str((admin_socket or out_dir / "admin.sock").resolve()), "--admin-socket")),
+        haproxy=None if no_validate else find_haproxy(haproxy),
+        dry_run=dry_run,
+        wait_seconds=duration(wait_for, "--wait"),
+        poll_seconds=duration(poll_interval, "--poll-interval"),
+        max_blocking=max_blocking,
+        runtime_socket=runtime_socket)
     check_path(str(out_dir.resolve()), "--out")
     settings, client, proxy_id = _connect(consul)
-    previous = read_state(out_dir)
-    if previous is not None and previous.proxy_id != proxy_id:
-        previous = None
-    if wait_seconds is not None and previous is not None and not dry_run:
-        watcher = ConsulClient(dataclasses.replace(settings, timeout=settings.timeout + wait_seconds * 17 / 16),
-                               pool_size=max_blocking)
-        if not wait_for_change(watcher, previous, wait_seconds, poll_seconds, max_blocking):
-            click.echo(f"meshgen: {proxy_id}: unchanged after waiting {wait_for}", err=True)
-            ctx.exit(EXIT_UNCHANGED)
-    sidecar, certs, seen = _fetch_model(client, proxy_id)
-    admin = Path(check_path(str((admin_socket or out_dir / "admin.sock").resolve()), "--admin-socket"))
-    access = AgentAccess.from_settings(settings)
-    bundle = render(sidecar, certs, access, settings.token, out_dir, admin)
-    live, live_files = live_bundle(out_dir)
-    changed = (live, live_files) != (bundle.name, bundle.files)
-    if dry_run:
-        click.echo("".join(bundle_diff(live_files, bundle.files)), nl=False)
-        if changed and haproxy_path:
-            # The real bundle names its final directory; check a twin rendered for a scratch one.
-            with tempfile.TemporaryDirectory(prefix="meshgen-dry-run-") as scratch:
-                twin = render(sidecar, certs, access, settings.token, Path(scratch), admin)
-                validate(write_files(twin, Path(scratch)), haproxy_path)
-        click.echo(f"meshgen: {proxy_id}: " + ("changed" if changed else "unchanged") + " (dry run)", err=True)
-        ctx.exit(EXIT_CHANGED if changed else EXIT_UNCHANGED)
-    loaded = (previous.loaded_bundle if previous else "") or live or bundle.name
-    applied = False
-    if changed:
-        write_bundle(out_dir, bundle, haproxy_path)
-        applied = (runtime_socket is not None and live is not None
-                   and roots_only(live_files, out_dir.resolve() / live, bundle,
-                                  out_dir.resolve() / bundle.name)
-                   and apply_roots_live(runtime_socket, out_dir.resolve() / loaded, bundle.files["roots.pem"]))
-        if not applied:
-            loaded = bundle.name    # the wrapper reloads HAProxy on exit 3
-    write_state(out_dir, dataclasses.replace(seen, loaded_bundle=loaded))
-    if applied:
-        click.echo(f"meshgen: {proxy_id}: CA roots changed, applied live through {runtime_socket}", err=True)
+    result = run_render(settings, client, proxy_id, request)
+    def say(text: str) -> None:
+        click.echo(f"meshgen: {proxy_id}: {text}", err=True)
+
+    for warning in result.warnings:
+        say(f"haproxy -c warns: {warning}")
+    if result.waited_out:
+        say(f"unchanged after waiting {wait_for}")
+    elif dry_run:
+        click.echo(result.diff, nl=False)
+        say(("changed" if result.changed else "unchanged") + " (dry run)")
+    elif result.applied_live:
+        say(f"CA roots changed, applied live through {runtime_socket}")
     else:
-        click.echo(f"meshgen: {proxy_id}: " + ("changed, reload HAProxy" if changed else "unchanged"), err=True)
-    ctx.exit(EXIT_CHANGED if changed and not applied else EXIT_UNCHANGED)
+        say("changed, reload HAProxy" if result.changed else "unchanged")
+    ctx.exit(result.exit_code)
 
 
-cli.add_command(render_command, "render")
-
-
-@cli.command()
+@cli.command("show")
 @_consul_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def show(as_json: bool, **consul):
@@ -1380,7 +1561,7 @@ def show(as_json: bool, **consul):
             click.echo(f"  instance  {i.address}  weight {i.weight}")
 
 
-@cli.command()
+@cli.command("check")
 @click.argument("definition", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--haproxy", default="haproxy", show_default=True, help="HAProxy binary for `haproxy -c`.")
 @click.pass_context
@@ -1399,7 +1580,9 @@ def check(ctx, definition: Path, haproxy: str):
     with tempfile.TemporaryDirectory(prefix="meshgen-check-") as scratch:
         bundle = render(sidecar, certs, AgentAccess("http://127.0.0.1", "127.0.0.1:8500", None, True),
                         None, Path(scratch), Path(scratch) / "admin.sock")
-        validate(write_files(bundle, Path(scratch)), haproxy_path)
+        warnings = validate(write_files(bundle, Path(scratch)), haproxy_path)
+    for warning in warnings:
+        click.echo(f"meshgen: {definition}: haproxy -c warns: {warning}", err=True)
     click.echo(f"meshgen: {definition}: valid ({proxy_id}, {len(sidecar.upstreams)} upstream(s))", err=True)
 
 

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The demo: the seed's www -> redis example with two meshgen sidecars over mutual TLS, on this
-# machine, with the Consul agent double standing in for Consul. Loopback only; cleans up after.
+# machine, on a real Consul agent (Consul 1.8.7 in dev mode, which install-deps.sh installs into
+# .deps/) or, with --double or when none could be installed, on the Consul agent double.
+# Loopback only; cleans up after.
+#
+#   ./demo/run.sh [--double]
 #
 #   127.0.0.1:6379  www's upstream listener (www sidecar)  --mTLS-->  127.0.0.1:21001 redis sidecar
 #                                                                      --> redis-server 127.0.0.1:6380
@@ -9,14 +13,28 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 RUN=$ROOT/demo/run
 AGENT_PORT=${MESHGEN_DEMO_AGENT_PORT:-18500}
+use_double=no
+case "${1:-}" in
+    --double) use_double=yes ;;
+    "") ;;
+    *) echo "usage: $0 [--double]" >&2; exit 2 ;;
+esac
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
-say "Installing what the demo needs (HAProxy, redis-server, Python packages), if missing"
+say "Installing what the demo needs (HAProxy, Consul, redis-server, Python packages), if missing"
 ./install-deps.sh
+CONSUL=$ROOT/.deps/consul-bullseye/consul
+if [ "$use_double" = no ] && ! "$CONSUL" version >/dev/null 2>&1; then
+    echo "demo: no Consul could be installed; running on the agent double instead"
+    use_double=yes
+fi
+# The HAProxy start.sh runs: the one on PATH, else Debian's 3.2 that install-deps.sh installed.
+export MESHGEN_HAPROXY=${MESHGEN_HAPROXY:-$(command -v haproxy || echo "$ROOT/.deps/haproxy-sid/haproxy")}
+"$MESHGEN_HAPROXY" -v | head -n 1
 
-for port in "$AGENT_PORT" 6379 6380 8081 21000 21001; do
+for port in "$AGENT_PORT" 6379 6380 8081 21000 21001 18300 18301 18302; do
     if python3 -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1',$port))!=0)"; then
         echo "demo: port $port on 127.0.0.1 is in use; stop what listens there and run again" >&2
         exit 1
@@ -46,23 +64,51 @@ wait_port() {
 
 ping_redis() { timeout 5 redis-cli -h 127.0.0.1 -p 6379 ping 2>&1 || true; }
 
+# Through the intentions API that every Consul version has (1.8 has no /intentions/exact).
 set_intention() {
     python3 - "$AGENT_PORT" "$1" <<'EOF'
-import json, sys, urllib.request
+import sys
+sys.path.insert(0, "tests")
+from real_consul import RealAgent
 port, action = sys.argv[1], sys.argv[2]
-request = urllib.request.Request(
-    f"http://127.0.0.1:{port}/v1/connect/intentions/exact?source=www&destination=redis",
-    data=json.dumps({"Action": action}).encode(), method="PUT")
-urllib.request.urlopen(request, timeout=5).read()
+RealAgent(f"http://127.0.0.1:{port}").set_intention("www", "redis", action)
 EOF
     echo "intention www -> redis: $1"
 }
 
-say "Starting the Consul agent double with the seed's registrations (demo/services.json)"
-python3 tests/consul_double.py --port "$AGENT_PORT" demo/services.json >"$RUN/agent.log" 2>&1 &
-pids+=($!)
-wait_port "$AGENT_PORT"
-cat "$RUN/agent.log"
+if [ "$use_double" = yes ]; then
+    say "Starting the Consul agent double with the seed's registrations (demo/services.json)"
+    python3 tests/consul_double.py --port "$AGENT_PORT" demo/services.json >"$RUN/agent.log" 2>&1 &
+    pids+=($!)
+    wait_port "$AGENT_PORT"
+    cat "$RUN/agent.log"
+else
+    say "Starting a real Consul agent ($("$CONSUL" version | head -n 1), dev mode) with the seed's registrations"
+    "$CONSUL" agent -dev -bind 127.0.0.1 -client 127.0.0.1 -log-level warn -hcl \
+        "ports { http = $AGENT_PORT, dns = -1, grpc = -1, serf_lan = 18301, serf_wan = 18302, server = 18300 }" \
+        >"$RUN/consul.log" 2>&1 &
+    pids+=($!)
+    python3 - "$AGENT_PORT" <<'EOF'
+import json, sys, time
+sys.path.insert(0, "tests")
+import requests
+from real_consul import RealAgent
+agent = RealAgent(f"http://127.0.0.1:{sys.argv[1]}")
+for _ in range(150):      # until its CA signs leaves
+    try:
+        if agent.roots().get("Roots") and agent.leaf("www"):
+            break
+    except requests.RequestException:
+        pass
+    time.sleep(0.2)
+data = json.load(open("demo/services.json"))
+for registration in data["services"]:
+    agent.register(registration)
+for source, destination, action in data["intentions"]:
+    agent.set_intention(source, destination, action)
+EOF
+    echo "agent on 127.0.0.1:$AGENT_PORT: www and redis registered, intention www -> redis: allow"
+fi
 export CONSUL_HTTP_ADDR=127.0.0.1:$AGENT_PORT
 
 say "Starting redis-server on 127.0.0.1:6380: the app behind the redis sidecar"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import hashlib
 import json
 import random
@@ -125,12 +126,15 @@ class CertificateAuthority:
                     [x509.UniformResourceIdentifier(uri)]), critical=False)
                 .sign(signing_key, hashes.SHA256()))
 
-    def issue_leaf(self, root: CARoot, *uris: str, ttl: dt.timedelta = LEAF_TTL):
-        """A leaf as Consul 1.11+ signs it, NotBefore back-dated one minute, its SAN the given
-        URIs: one SPIFFE ID for a real leaf; none or several to make the broken ones tests need."""
+    def issue_leaf(self, root: CARoot, *uris: str, ttl: dt.timedelta = LEAF_TTL,
+                   not_before: dt.datetime | None = None):
+        """A leaf as Consul 1.11+ signs it, NotBefore back-dated one minute (or as given), its SAN
+        the given URIs: one SPIFFE ID for a real leaf; none or several to make the broken ones
+        tests need."""
         signer_cert, signer_key = root.signer
         key = ec.generate_private_key(ec.SECP256R1())
-        not_before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) - dt.timedelta(minutes=1)
+        if not_before is None:
+            not_before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) - dt.timedelta(minutes=1)
         # Without URIs the subject is a CN, as in Consul before 1.11: a leaf with neither is invalid.
         subject = x509.Name([] if uris else [x509.NameAttribute(NameOID.COMMON_NAME, "legacy")])
         builder = (x509.CertificateBuilder()
@@ -247,6 +251,9 @@ class ConsulDouble:
         self.services: dict[str, dict] = {}       # agent-local services by ID
         self.instances: dict[str, list[Instance]] = {}   # health/connect by destination name
         self.health_index: dict[str, int] = {}
+        # What health answers for a name nothing serves: Consul gives the services table's
+        # index (so a watcher blocks), never 1; 1 with nothing listed is 1.8.7's ACL-filtered answer.
+        self.unserved_index = self.raft_index
         # Encoded health answers: a real agent answers in well under a millisecond, and
         # benchmarks should measure meshgen, not this double's JSON encoder.
         self.health_bodies: dict[tuple, bytes] = {}
@@ -647,6 +654,8 @@ class ConsulDouble:
             (r"/v1/query/([^/]+)/execute", ("GET",), self._query_ep),
             (r"/v1/agent/self", ("GET",), self._self_ep),
             (r"/v1/connect/intentions/exact", ("PUT", "DELETE"), self._intention_ep),
+            (r"/v1/connect/intentions", ("GET", "POST"), self._intentions_ep),
+            (r"/v1/connect/intentions/([^/]+)", ("GET", "PUT", "DELETE"), self._intention_by_id_ep),
         ]
         for pattern, methods, handler in routes:
             match = re.fullmatch(pattern, path)
@@ -654,7 +663,10 @@ class ConsulDouble:
                 if method not in methods:
                     raise HTTPError(405, f"method {method} not allowed",
                                     {"Allow": ",".join(("OPTIONS",) + methods)})
-                return handler, unquote(match.group(1)) if match.groups() else None
+                arg = unquote(match.group(1)) if match.groups() else None
+                if handler in (self._intentions_ep, self._intention_by_id_ep):   # one route, several methods
+                    return functools.partial(handler, method), arg
+                return handler, arg
         raise HTTPError(404, "Invalid URL path: not a recognized HTTP API endpoint\n")
 
     def _agent_service_ep(self, service_id, query, secret, body):
@@ -765,17 +777,21 @@ class ConsulDouble:
             raise HTTPError(400, "Missing service name")
         self._check_dc(query)
         _parse_passing(query)
-        self._block(lambda: self.health_index.get(name, 1), query)
+        self._block(lambda: self.health_index.get(name, self.unserved_index), query)
         key = (name, query.get("dc"), _parse_passing(query), secret, "pretty" in query)
         if key not in self.health_bodies:
             self.health_bodies[key] = _encode(self._health_entries(name, query, secret), "pretty" in query)
-        return 200, self.health_bodies[key], _meta(self.health_index.get(name, 1))
+        headers = _meta(self.health_index.get(name, self.unserved_index))
+        token = self._token(secret)
+        if any(not self._allowed(token, inst.service["Service"], "read") for inst in self.instances.get(name, [])):
+            headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+        return 200, self.health_bodies[key], headers
 
     def _catalog_ep(self, name, query, secret, body):
         if not name:
             raise HTTPError(400, "Missing service name")
         self._check_dc(query)
-        self._block(lambda: self.health_index.get(name, 1), query)
+        self._block(lambda: self.health_index.get(name, self.unserved_index), query)
         flat = []
         for entry in self._health_entries(name, {k: v for k, v in query.items() if k != "passing"}, secret):
             node, svc = entry["Node"], entry["Service"]
@@ -789,7 +805,7 @@ class ConsulDouble:
                          "ServiceEnableTagOverride": False, "ServiceProxy": svc["Proxy"],
                          "ServiceConnect": {}, "ServiceLocality": None,
                          "CreateIndex": svc["CreateIndex"], "ModifyIndex": svc["ModifyIndex"]})
-        return 200, flat, _meta(self.health_index.get(name, 1))
+        return 200, flat, _meta(self.health_index.get(name, self.unserved_index))
 
     def _query_ep(self, name, query, secret, body):
         if name not in self.queries:
@@ -822,6 +838,47 @@ class ConsulDouble:
             self.set_intention(source, destination, action)
         else:
             self.intentions = [i for i in self.intentions if (i[0], i[1]) != (source, destination)]
+        return 200, True, {}
+
+    # The API every version has (1.8 has no /exact): list, create, update and delete by ID.
+    # An intention's ID is derived from its source and destination, which identify it.
+
+    def _intention_json(self, source: str, destination: str, action: str) -> dict:
+        return {"ID": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{source}=>{destination}")),
+                "SourceNS": "default", "SourceName": source, "DestinationNS": "default",
+                "DestinationName": destination, "SourceType": "consul", "Action": action}
+
+    def _intention_from_body(self, body: bytes) -> tuple[str, str, str]:
+        data = _decode_strict(body, ("SourceName", "DestinationName", "Action", "SourceType",
+                                     "SourceNS", "DestinationNS", "Description", "Meta"))
+        source, destination = str(_get(data, "SourceName") or ""), str(_get(data, "DestinationName") or "")
+        action = str(_get(data, "Action") or "")
+        if not source or not destination:
+            raise HTTPError(400, "Invalid intention: SourceName and DestinationName must be set")
+        if action not in ("allow", "deny"):
+            raise HTTPError(400, f'Invalid intention: action must be "allow" or "deny", got "{action}"')
+        return source, destination, action
+
+    def _intentions_ep(self, method, _, query, secret, body):
+        if method == "GET":
+            return 200, [self._intention_json(s, d, a) for s, d, a, _ in self.intentions], _meta(self.raft_index)
+        source, destination, action = self._intention_from_body(body)
+        if any((i[0], i[1]) == (source, destination) for i in self.intentions):
+            raise HTTPError(500, "duplicate intention found")
+        self.set_intention(source, destination, action)
+        return 200, {"ID": self._intention_json(source, destination, action)["ID"]}, {}
+
+    def _intention_by_id_ep(self, method, intention_id, query, secret, body):
+        current = [i for i in self.intentions
+                   if self._intention_json(i[0], i[1], i[2])["ID"] == intention_id]
+        if not current:
+            raise HTTPError(404, "Intention not found")
+        source, destination, action, _ = current[0]
+        if method == "GET":
+            return 200, self._intention_json(source, destination, action), {}
+        self.intentions = [i for i in self.intentions if i is not current[0]]
+        if method == "PUT":
+            self.set_intention(*self._intention_from_body(body))
         return 200, True, {}
 
     def _check_dc(self, query: dict) -> None:
@@ -990,11 +1047,24 @@ def _handler_for(agent: ConsulDouble):
             agent.connections.discard(self.connection)
             super().finish()
 
+        def _read_body(self) -> bytes:
+            # Go's server takes chunked bodies; HAProxy 3.0's httpclient sends one even when
+            # the request names a Content-Length.
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                body = b""
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return body
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length else b""
+
         def _serve(self, method: str) -> None:
             parts = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
+            body = self._read_body()
             headers = {k.lower(): v for k, v in self.headers.items()}
             with agent.lock:
                 agent.requests[parts.path] = agent.requests.get(parts.path, 0) + 1

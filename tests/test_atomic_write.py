@@ -14,8 +14,10 @@ from pathlib import Path
 
 from cryptography import x509
 
-from campaign import SECRET_TOKEN, argv_leaks, record, scaled, secret_leaks
-from conftest import ROOT, agent_env
+import meshgen
+
+from campaign_support import SECRET_TOKEN, argv_leaks, record, scaled, secret_leaks
+from harness import ROOT, agent_env
 
 KILLS = scaled(200)
 
@@ -107,8 +109,8 @@ def test_killed_renders_never_leave_a_mixed_or_partial_bundle(seeded_double, any
     final = subprocess.run(command, env=env, capture_output=True, text=True)
     assert final.returncode in (0, 3), final.stderr
     assert read_like_haproxy(out) == (KILLS + 1, generations[KILLS + 1])
-    assert not [p for p in out.iterdir() if p.name.startswith(".stage-")]
-    assert len([p for p in out.iterdir() if p.name.startswith(".bundle-")]) <= 2
+    assert not [p for p in out.iterdir() if p.name.startswith(meshgen.STAGE_PREFIX)]
+    assert len([p for p in out.iterdir() if p.name.startswith(meshgen.BUNDLE_PREFIX)]) <= 2
     assert leaks + secret_leaks(out, final.stderr) == []
     record("crash_consistency", kills=KILLS, killed_while_writing=killed_after_writing,
            reads=reads, torn_or_mixed_reads=report["error_count"] + len(mixed),

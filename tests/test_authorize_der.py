@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import ROOT, DoubleAgent
+from harness import ROOT, DoubleAgent
 
 RUNNER = r"""
 core = { register_action = function() end }   -- the one part of HAProxy's API loaded at start
@@ -135,3 +135,36 @@ def test_oversized_and_deeply_nested_input_is_refused(lua):
 @given(st.lists(st.binary(min_size=0, max_size=600), min_size=50, max_size=100))
 def test_random_bytes_are_refused_or_parsed_safely(lua, blobs):
     assert_safe(lua(blobs))
+
+
+DECISION_RUNNER = r"""
+core = { register_action = function() end }
+local m = dofile(arg[1])
+for body in io.lines(arg[2]) do
+    local allowed, reason = m.parse_decision(body)
+    io.write(tostring(allowed), "|", tostring(reason), "\n")
+end
+"""
+
+
+@pytest.mark.parametrize("binary", LUAS)
+def test_agent_reasons_are_decoded_as_json(binary, tmp_path):
+    """Consul's JSON escapes `>` as \\u003e (seen on a real 1.8.7 agent); the log must read `=>`."""
+    lua = shutil.which(binary)
+    if lua is None:
+        pytest.skip(f"{binary} is not installed (.ci/run installs it)")
+    bodies = {
+        r'{"Authorized":true,"Reason":"Matched intention: ALLOW default/www =\u003e default/redis (ID: 1)"}':
+            "true|Matched intention: ALLOW default/www => default/redis (ID: 1)",
+        r'{"Authorized":false,"Reason":"a \"quoted\" word,\nthen a newline \u00e9"}':
+            'false|a "quoted" word, then a newline \u00e9',
+        r'{"Reason":"order does not matter","Authorized":true}': "true|order does not matter",
+        r'{"Authorized":true,"Reason":"a bad escape \q"}': "true|",
+        r'{"Authorized":"yes","Reason":"not a boolean"}': "nil|nil",
+    }
+    (tmp_path / "runner.lua").write_text(DECISION_RUNNER)
+    (tmp_path / "bodies").write_text("\n".join(bodies) + "\n")
+    result = subprocess.run([lua, str(tmp_path / "runner.lua"), str(ROOT / "authorize.lua"),
+                             str(tmp_path / "bodies")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == list(bodies.values())

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import DoubleAgent, agent_env, run_meshgen, snapshot
+from harness import DoubleAgent, agent_env, run_meshgen, snapshot
 
 LEAF = "/v1/agent/connect/ca/leaf/www"
 
@@ -37,6 +37,15 @@ def expired_leaf(double) -> str:
     double.leaf_ttl = dt.timedelta(seconds=30)
     double.leaves.clear()
     return leaf_json(double)
+
+
+def future_leaf(double) -> str:
+    """A leaf that becomes valid in an hour: what a clock running behind sees."""
+    cert, key = double.ca.issue_leaf(double.active_root, double.service_uri("www"),
+                                     not_before=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+    return leaf_json(double, CertPEM=cert.public_bytes(serialization.Encoding.PEM).decode(),
+                     PrivateKeyPEM=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()).decode())
 
 
 def closed_port() -> str:
@@ -77,7 +86,8 @@ FAULTS = {
     "port out of range": (lambda d: d.update_service("www-sidecar-proxy", set_upstream(LocalBindPort=70000)), "Proxy.Upstreams[0].LocalBindPort: 70000 is not a port number"),
     "protocol unknown": (lambda d: d.update_service("www-sidecar-proxy", set_config(protocol="udp")), "Proxy.Config.protocol: 'udp' is not one of tcp, http, http2, grpc"),
     "instance address bad": (lambda d: d.add_instance("redis", "10.0.0.1 backup", 21000), "Service.Address: '10.0.0.1 backup' is not an IP address"),
-    "expired leaf": (lambda d: d.inject(LEAF, body=expired_leaf(d)), "leaf certificate: not valid now"),
+    "expired leaf": (lambda d: d.inject(LEAF, body=expired_leaf(d)), "leaf certificate: expired at 20"),
+    "leaf not yet valid": (lambda d: d.inject(LEAF, body=future_leaf(d)), "leaf certificate: not valid until 20"),
     "leaf key mismatch": (lambda d: d.inject(LEAF, body=leaf_json(d, PrivateKeyPEM=other_key_pem())), "PrivateKeyPEM does not match"),
     "leaf of another service": (lambda d: d.inject(LEAF, body=leaf_json(d, "billing")), "is not one of service 'www'"),
     "leaf from another CA": (lambda d: d.inject(LEAF, body=foreign_leaf(d)), "trust domain"),

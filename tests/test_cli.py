@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
 import stat
 
 import pytest
@@ -12,7 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import ROOT, DoubleAgent, _load_seed, agent_env, run_meshgen, snapshot
+import meshgen
+from harness import ROOT, DoubleAgent, agent_env, load_seed, passing_instances, run_meshgen, snapshot
 
 
 def render(agent, out, haproxy, *extra, sidecar_for="www", env=None):
@@ -25,22 +27,23 @@ def test_render_writes_a_complete_bundle_then_nothing(agent, seed, any_haproxy, 
     first = render(agent, out, any_haproxy, sidecar_for=seed["www"])
     assert first.code == 3, first.stderr
     assert "changed, reload HAProxy" in first.stderr
-    live = out / "live"
+    live = out / meshgen.LIVE
     bundle = os.readlink(live)
-    assert bundle.startswith(".bundle-")
+    assert bundle.startswith(meshgen.BUNDLE_PREFIX)
     expected = {"authorize.lua", "haproxy.cfg", "leaf.pem", "roots.pem"} | (
-        {"consul-token"} if getattr(agent, "token", None) else set())
+        {meshgen.TOKEN_FILE} if getattr(agent, "token", None) else set())
     assert {p.name for p in live.iterdir()} == expected
     for name in expected:
         assert os.readlink(out / name) == f"live/{name}"
     assert stat.S_IMODE((live / "leaf.pem").stat().st_mode) == 0o600
     config = (out / "haproxy.cfg").read_text()
     assert f"crt {out.resolve()}/{bundle}/leaf.pem" in config
-    assert f"frontend upstream_{seed['redis']}" in config
+    assert f"frontend listener_upstream_{seed['redis']}" in config
     before = snapshot(out)
     second = render(agent, out, any_haproxy, sidecar_for=seed["www"])
     assert (second.code, snapshot(out)) == (0, before), second.stderr
     assert "unchanged" in second.stderr
+    assert (out / meshgen.STATE_FILE).is_file()
 
 
 def test_a_change_in_consul_exits_3_and_keeps_only_the_previous_bundle(seeded_double, any_haproxy, tmp_path):
@@ -52,8 +55,8 @@ def test_a_change_in_consul_exits_3_and_keeps_only_the_previous_bundle(seeded_do
         run = render(seeded_double, out, any_haproxy)
         assert run.code == 3, run.stderr
         assert f"maxconn {maxconn}" in (out / "haproxy.cfg").read_text()
-        bundles.append(os.readlink(out / "live"))
-    on_disk = sorted(p.name for p in out.iterdir() if p.name.startswith(".bundle-"))
+        bundles.append(os.readlink(out / meshgen.LIVE))
+    on_disk = sorted(p.name for p in out.iterdir() if p.name.startswith(meshgen.BUNDLE_PREFIX))
     assert on_disk == sorted(bundles[1:])
 
 
@@ -117,6 +120,8 @@ def test_help_lists_the_exit_codes():
 
 def test_show_table_and_json(agent, seed):
     env = agent_env(agent)
+    redis_sidecar = socket.create_server(("127.0.0.1", seed["ports"]["redis"]))
+    assert len(passing_instances(agent, seed["redis"], 1)) == 1
     table = run_meshgen("show", "--sidecar-for", seed["www"], env=env)
     assert table.code == 0, table.stderr
     assert f"upstream    upstream_{seed['redis']}  listen 127.0.0.1:6379  tcp" in table.stdout
@@ -125,7 +130,9 @@ def test_show_table_and_json(agent, seed):
     assert [r["active"] for r in data["roots"]].count(True) == 1
     upstream = data["upstreams"][0]
     assert upstream["listen"] == "127.0.0.1:6379"
-    assert len(upstream["instances"]) == 1 and upstream["instances"][0]["address"].endswith(":21001")
+    assert len(upstream["instances"]) == 1
+    assert upstream["instances"][0]["address"].endswith(f":{seed['ports']['redis']}")
+    redis_sidecar.close()
 
 
 def test_missing_haproxy_is_an_error_unless_validation_is_skipped(seeded_double, tmp_path):
@@ -196,7 +203,7 @@ def test_check_rejects_a_file_that_is_not_json(any_haproxy, tmp_path):
 def test_unix_socket_agent(any_haproxy, tmp_path):
     agent = DoubleAgent().start(unix_socket=str(tmp_path / "consul.sock"))
     try:
-        _load_seed(agent)
+        load_seed(agent)
         run = render(agent, tmp_path / "out", any_haproxy)
         assert run.code == 3, run.stderr
         assert f"str(unix@{tmp_path}/consul.sock)" in (tmp_path / "out" / "haproxy.cfg").read_text()
@@ -226,7 +233,7 @@ def test_https_agent_verified_with_the_ca_file(any_haproxy, tmp_path):
     cert, key = _self_signed(tmp_path)
     agent = DoubleAgent().start(tls=(cert, key))
     try:
-        _load_seed(agent)
+        load_seed(agent)
         unverified = render(agent, tmp_path / "out", any_haproxy)
         assert unverified.code == 1 and "cannot reach the Consul agent" in unverified.stderr
         run = render(agent, tmp_path / "out", any_haproxy, env=agent_env(agent, CONSUL_CACERT=cert))
@@ -249,14 +256,14 @@ def test_token_reaches_the_agent_and_only_the_token_file(seeded_double, any_hapr
                  env=agent_env(seeded_double, CONSUL_HTTP_TOKEN_FILE=str(token_file)))
     assert run.code == 3, run.stderr
     assert {entry[2].get("_token") for entry in seeded_double.request_log} == {token}
-    holders = [p.name for p in (out / "live").iterdir() if token.encode() in p.read_bytes()]
-    assert holders == ["consul-token"]
-    assert stat.S_IMODE((out / "live" / "consul-token").stat().st_mode) == 0o600
+    holders = [p.name for p in (out / meshgen.LIVE).iterdir() if token.encode() in p.read_bytes()]
+    assert holders == [meshgen.TOKEN_FILE]
+    assert stat.S_IMODE((out / meshgen.LIVE / meshgen.TOKEN_FILE).stat().st_mode) == 0o600
     assert token not in run.stdout + run.stderr
     hidden = render(seeded_double, tmp_path / "out2", any_haproxy)
     assert hidden.code == 1 and "it needs service:read" in hidden.stderr
     denied = run_meshgen("render", "--proxy-id", "www-sidecar-proxy", "--out", str(tmp_path / "out2"),
-                         env=agent_env(seeded_double))
+                         "--haproxy", any_haproxy, env=agent_env(seeded_double))
     assert denied.code == 1
     assert "lacks permission 'service:read' on \"www-sidecar-proxy\"" in denied.stderr
 
@@ -266,3 +273,13 @@ def test_namespace_is_sent_only_when_asked(seeded_double, any_haproxy, tmp_path)
     asked = render(seeded_double, tmp_path / "b", any_haproxy, "--namespace", "team-a")
     assert asked.code == 1
     assert "Namespaces are a Consul Enterprise feature" in asked.stderr
+
+
+def test_out_below_a_regular_file_is_one_line(seeded_double, any_haproxy, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    run = render(seeded_double, blocker / "out", any_haproxy)
+    assert run.code == 1, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"meshgen: error: --out {blocker / 'out'}: cannot write the bundle: Not a directory"]
+    assert blocker.read_text() == "not a directory"

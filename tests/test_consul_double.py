@@ -1,8 +1,10 @@
 """The agent double against ../shared/consul-api.md section 11, item by item. Tests taking
-`agent` also run against a real agent when MESHGEN_TEST_CONSUL_ADDR names one."""
+`agent` run on the double and on a real Consul agent, with the same assertions; where the
+Consul versions differ, the test says which does what."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 import time
 
@@ -10,9 +12,10 @@ import pytest
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from conftest import RealAgent
+from harness import agent_get, agent_version
+from real_consul import RealAgent, consul_binary, consul_version
 
 
 def get(agent, path, **kwargs):
@@ -160,9 +163,16 @@ def test_leaf_format_is_consuls(agent, seed):
     assert leaf["SerialNumber"] == ":".join(f"{b:02x}" for b in serial)
     assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
     assert cert.public_key().curve.name == "secp256r1"
-    assert len(cert.subject) == 0
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    assert san.critical
+    if agent_version(agent) >= (1, 11):
+        # From 1.11 the subject is empty, so the URI SAN must be critical (RFC 5280).
+        assert len(cert.subject) == 0
+        assert san.critical
+    else:
+        # 1.8.7: a subject CN of the service and the cluster, and a SAN not marked critical.
+        [cn] = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        assert re.fullmatch(rf"{seed['www'].replace('-', '')}\.svc\.default\.[0-9a-f]{{8}}\.consul", cn.value)
+        assert not san.critical
     assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [leaf["ServiceURI"]]
     assert leaf["ServiceURI"].endswith(f"/ns/default/dc/dc1/svc/{seed['www']}")
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -175,7 +185,7 @@ def test_leaf_format_is_consuls(agent, seed):
 
 
 def test_leaf_chain_carries_the_intermediate():
-    from conftest import DoubleAgent
+    from harness import DoubleAgent
     agent = DoubleAgent(with_intermediate=True).start()
     try:
         roots = get(agent, "/v1/agent/connect/ca/roots").json()["Roots"]
@@ -319,5 +329,9 @@ def test_faults_and_request_counts(double):
 
 
 def test_real_agent_fixture_is_what_it_claims(agent):
-    """Guard: the real-agent parameter never silently talks to a double."""
-    assert isinstance(agent, RealAgent) == (agent.suffix != "")
+    """Guard: the real-agent parameter never silently talks to a double, nor the other way."""
+    reported = agent_get(agent, "/v1/agent/self")["Config"]["Version"]
+    if isinstance(agent, RealAgent):
+        assert reported == consul_version(consul_binary()) and agent.suffix
+    else:
+        assert reported == "1.17.0" and not agent.suffix

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import ROOT, run_meshgen
+from harness import ROOT, run_meshgen
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -48,3 +48,13 @@ def test_compose_service_definitions_pass_meshgen_check(service, haproxy):
     assert definition.name == f"{service}.json"
     run = run_meshgen("check", str(definition), "--haproxy", haproxy)
     assert run.code == 0, run.stderr
+
+
+def test_no_build_output_or_logs_are_tracked():
+    """A checkout holds sources: logs, wheels and installed dependencies stay out of git."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    stray = [path for path in listed.stdout.splitlines()
+             if path.endswith((".log", ".whl", ".pyc", ".tar.gz")) or path.startswith(".deps/")]
+    assert stray == []

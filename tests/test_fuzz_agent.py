@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import meshgen
-from campaign import SECRET_TOKEN, haproxy_version, record, scaled, secret_leaks
-from conftest import ROOT, DoubleAgent, snapshot
+from campaign_support import SECRET_TOKEN, haproxy_version, record, scaled, secret_leaks
+from harness import ROOT, DoubleAgent, snapshot
 
 CANARY = "INJECTED"
 EXAMPLES_PER_HAPROXY = scaled(1000)

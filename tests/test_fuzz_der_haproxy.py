@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID, ObjectIdentifier
 from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
-from campaign import SECRET_TOKEN, argv_leaks, haproxy_version, record, scaled, secret_leaks
+from campaign_support import SECRET_TOKEN, argv_leaks, haproxy_version, record, scaled, secret_leaks
 from harness import Identity, rss_kib, talk
 from test_authorize import start_sidecar  # noqa: F401  (fixture)
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
 
 import meshgen
-from conftest import ROOT
+from harness import ROOT
 
 DATA = ROOT / "tests" / "data"
 GOLDEN = DATA / "golden"
@@ -59,8 +60,13 @@ def test_golden_config(name):
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_examples_pass_haproxy_check(name, haproxy, tmp_path):
-    meshgen.validate(meshgen.write_files(bundle(name, out_dir=tmp_path), tmp_path), haproxy)
+def test_examples_pass_haproxy_check_without_a_warning(name, haproxy, tmp_path):
+    written = meshgen.write_files(bundle(name, out_dir=tmp_path), tmp_path)
+    result = subprocess.run([haproxy, "-c", "-f", str(written / "haproxy.cfg")], capture_output=True, text=True)
+    output = (result.stdout + result.stderr).splitlines()
+    assert result.returncode == 0, output
+    assert [line for line in output if "WARNING" in line or "ALERT" in line] == []
+    assert meshgen.validate(written, haproxy) == []
 
 
 def test_full_example_carries_every_setting():
@@ -82,24 +88,24 @@ def test_full_example_carries_every_setting():
         "set-var proc.meshgen_grace_ms int(30000)",
         "set-var proc.meshgen_token_file str(/run/meshgen/.bundle-0123456789abcdef/consul-token)",
         "timeout connect 3000ms",                               # upstream connect_timeout_ms
-        "frontend upstream_db\n    bind 127.0.0.1:9191\n    maxconn 100",   # Limits.MaxConnections
+        "frontend listener_upstream_db\n    bind 127.0.0.1:9191\n    maxconn 100",   # Limits.MaxConnections
         "check observe layer4 error-limit 3 on-error mark-down inter 10000ms downinter 30000ms",
-        "frontend query_geo-cache.dc2\n    bind 127.0.0.2:8181 proto h2\n    mode http\n    maxconn 50",
+        "frontend listener_query_geo-cache.dc2\n    bind 127.0.0.2:8181 proto h2\n    mode http\n    maxconn 50",
         "verify required alpn h2",                              # http2 upstream
         "option redis-check",                                   # advanced_check (seed)
         "bind /run/web/api.sock mode 700",                      # LocalBindSocketPath + mode
         "check observe layer7 error-limit 5 on-error mark-down inter 5000ms",
-        "frontend expose_21500\n    mode http\n    bind 10.0.0.10:21500\n    http-request deny unless { path /health }",
+        "frontend listener_expose_21500\n    mode http\n    bind 10.0.0.10:21500\n    http-request deny unless { path /health }",
         "server app 127.0.0.1:9102 proto h2",                   # Expose path over http2
         "server 10.0.1.12:21000 10.0.1.12:21000 weight 256",   # Weights.Passing, capped
         "server 10.0.0.13:21000 10.0.0.13:21000 weight 3",     # Node.Address fallback
         "server fd00::14:21002 [fd00::14]:21002 weight 1",
-        "server grpc-1.internal.example:21000 grpc-1.internal.example:21000 weight 1",
+        "server localhost:21000 localhost:21000 weight 1",       # a host name as address
     ]:
         assert expected in config, expected
     assert "tproxy-synthetic" not in config
     assert "a-secret-token" not in config
-    assert bundle("full").files["consul-token"] == b"a-secret-token\n"
+    assert bundle("full").files[meshgen.TOKEN_FILE] == b"a-secret-token\n"
 
 
 def test_upstream_without_instances_renders_a_backend_that_refuses():
@@ -149,3 +155,22 @@ def test_consul_defaults_apply_when_config_is_empty():
     assert sidecar.unsecured_bind is None and sidecar.prometheus_bind is None
     registration["Proxy"]["Config"] = {"local_connect_timeout_ms": 0}
     assert meshgen.parse_registration(registration, "x").local_connect_timeout_ms == 5000
+
+
+def test_an_app_on_a_unix_socket_keeps_its_expose_paths_on_tcp(haproxy, tmp_path):
+    """Exposed paths reach the app at LocalPathPort on its address (127.0.0.1 when it has none),
+    as Envoy dials them: a socket path has no port, and `unix@/path:9102` is no address."""
+    registration = json.loads((DATA / "seed_registration.json").read_text())
+    proxy = registration["Proxy"]
+    del proxy["LocalServiceAddress"], proxy["LocalServicePort"]
+    proxy["LocalServiceSocketPath"] = "/run/web.sock"
+    proxy["Expose"] = {"Paths": [{"ListenerPort": 21500, "Path": "/health", "LocalPathPort": 9102}]}
+    sidecar = meshgen.parse_registration(registration, registration["ID"])
+    built = meshgen.render(sidecar, meshgen.throwaway_certificates("www"), AGENT, None, tmp_path,
+                           tmp_path / "admin.sock")
+    config = built.files["haproxy.cfg"].decode()
+    assert "server app unix@/run/web.sock\n" in config
+    expose_backend = config.split("\nbackend expose_21500\n")[1]
+    assert "    server app 127.0.0.1:9102\n" in expose_backend
+    assert "unix@" not in expose_backend
+    assert meshgen.validate(meshgen.write_files(built, tmp_path), haproxy) == []

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from campaign import SECRET_TOKEN, argv_leaks, haproxy_version, record, scaled, secret_leaks
+from campaign_support import SECRET_TOKEN, argv_leaks, haproxy_version, record, scaled, secret_leaks
 from harness import free_port, rss_kib
 from test_mesh import mesh, redis_ping, redis_server  # noqa: F401  (fixtures)
 

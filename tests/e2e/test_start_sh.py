@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-from harness import EchoServer, Identity, free_port, register_sidecar, talk, wait_listening
+from harness import ROOT, EchoServer, free_port, Identity, register_sidecar, talk, wait_listening
 
 SHELLS = {"dash": ["dash"], "busybox-ash": ["busybox", "sh"], "bash": ["bash"]}
 

@@ -11,8 +11,10 @@ import time
 import pytest
 from cryptography import x509
 
-from conftest import ROOT, _load_seed, agent_env
-from harness import EchoServer, HAProxy, Identity, free_port, register_sidecar, served_certificate, talk
+import meshgen
+
+from harness import (ROOT, agent_env, EchoServer, free_port, HAProxy, Identity, load_seed, register_sidecar,
+                     served_certificate, talk)
 
 pytestmark = pytest.mark.usefixtures("any_haproxy")
 
@@ -34,7 +36,7 @@ def seeded(seeded_double, any_haproxy, tmp_path):
     out = tmp_path / "out"
     code, err = finish(render(seeded_double, out, any_haproxy, wait="20s"))
     assert code == 3, err                          # the first run returns at once
-    state = json.loads((out / ".meshgen-state.json").read_text())
+    state = json.loads((out / meshgen.STATE_FILE).read_text())
     assert state["proxy_id"] == "www-sidecar-proxy" and state["roots_index"] > 0
     return seeded_double, out, any_haproxy
 
@@ -71,7 +73,9 @@ def test_an_idle_wait_asks_each_endpoint_once_per_period(seeded):
         assert (code, time.monotonic() - start >= 1.0) == (0, True), err
         assert "unchanged after waiting 1s" in err
     asked = {path: n - before.get(path, 0) for path, n in double.requests.items() if n != before.get(path, 0)}
-    assert asked == {"/v1/agent/service/www-sidecar-proxy": periods, "/v1/agent/connect/ca/roots": periods,
+    # The roots twice: one plain read to catch an agent that came back with a new CA at the
+    # same index, then the blocking one.
+    assert asked == {"/v1/agent/service/www-sidecar-proxy": periods, "/v1/agent/connect/ca/roots": 2 * periods,
                      "/v1/agent/connect/ca/leaf/www": periods, "/v1/health/connect/redis": periods,
                      "/v1/agent/services": periods}     # --sidecar-for looks the sidecar up first
 
@@ -83,14 +87,14 @@ def test_an_index_that_goes_backwards_is_reset(seeded):
     double.reset_health_index("redis", 3)
     code, err = finish(process)
     assert code == 0, err                           # same data: nothing to write
-    state = json.loads((out / ".meshgen-state.json").read_text())
+    state = json.loads((out / meshgen.STATE_FILE).read_text())
     assert state["instances"]["service|redis||"] == 3
     code, _ = finish(render(double, out, haproxy, wait="1s"))
     assert code == 0                                # and it blocks on the new index again
 
 
 def test_prepared_queries_are_polled(double, any_haproxy, tmp_path):
-    _load_seed(double)
+    load_seed(double)
     double.add_prepared_query("cache-query", "cache")
     double.update_service("www-sidecar-proxy", lambda s: s["Proxy"]["Upstreams"].append(
         {"DestinationType": "prepared_query", "DestinationName": "cache-query", "LocalBindPort": 7000,
@@ -171,20 +175,30 @@ def test_a_root_rotation_goes_live_without_a_reload(double, running):
     served_certificate(port, client).verify_directly_issued_by(new_root)
 
 
-def test_haproxy_drops_client_verification_on_a_live_leaf_update(double, running):
+def test_a_live_leaf_update_keeps_client_verification_only_from_3_0(double, running, haproxy_build):
     """Why a new leaf asks for a reload: after `set ssl cert` + `commit` on a bind with
-    `verify required`, HAProxy 2.6 and 2.8 stop asking clients for a certificate. authorize.lua
-    then refuses every connection (no identity): fail closed, but mutual TLS is gone. Should a
-    later HAProxy keep verification, this test fails, and live leaf updates can be enabled."""
+    `verify required` and a certificate without a DNS name (Consul's leaves), HAProxy 2.6 and
+    2.8 stop asking clients for a certificate; authorize.lua then refuses every connection (no
+    identity): fail closed, but mutual TLS is gone. 3.0 and later keep verification and serve the
+    new certificate."""
     port, client, process, _, out = running
     assert talk(port, client) == b"ping\n"
     double.renew_leaf("web")
     leaf = double.leaves["web"]
-    target = f"ssl cert {(out / 'live').resolve() / 'leaf.pem'}"
+    target = f"ssl cert {(out / meshgen.LIVE).resolve() / 'leaf.pem'}"
     assert "Transaction" in runtime(out, f"set {target} <<\n{leaf['CertPEM']}{leaf['PrivateKeyPEM']}")
     assert "Success" in runtime(out, f"commit {target}")
-    assert talk(port, client) is None
-    assert 'authz=deny reason="no client certificate"' in process.wait_for_log("no client certificate")
+    if haproxy_build.branch in ("2.6", "2.8"):
+        assert talk(port, client) is None
+        assert 'authz=deny reason="no client certificate"' in process.wait_for_log("no client certificate")
+    else:
+        assert talk(port, client) == b"ping\n"
+        new_leaf = x509.load_pem_x509_certificate(leaf["CertPEM"].encode())
+        assert served_certificate(port, client).serial_number == new_leaf.serial_number
+        anonymous = Identity.from_double(double, out.parent / "ids", "api").context(with_cert=False,
+                                                                                   verify_server=False)
+        assert talk(port, anonymous) is None
+        assert "no client certificate" not in process.log()    # refused in the handshake
 
 
 def runtime(out, command: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from campaign import SECRET_TOKEN, argv_leaks, haproxy_version, record, secret_leaks
+from campaign_support import SECRET_TOKEN, argv_leaks, haproxy_version, record, secret_leaks
 from harness import free_port, talk, wait_listening
 from test_start_sh import SHELLS, mesh  # noqa: F401  (fixture)
 

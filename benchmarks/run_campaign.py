@@ -2,7 +2,7 @@
 """The hostile-input and fault campaign, rerun and summed up: runs the campaign's tests (the
 same ones CI runs) and prints one table of what was tried, how many cases, and what held.
 
-    python3 benchmarks/campaign.py [--scale 2] [--only fuzz_agent_answers ...]
+    python3 benchmarks/run_campaign.py [--scale 2] [--only fuzz_agent_answers ...]
 
 --scale multiplies every part's case count (MESHGEN_CAMPAIGN_SCALE). A part whose test fails
 is printed as FAILED, and the script exits 1.

@@ -1,17 +1,16 @@
 """The hostile-input and fault campaign's shared parts: how big a run is, where its figures go,
 and the secret scan every part of it ends with.
 
-CI runs each part at the size its issue asks for. benchmarks/campaign.py runs them again,
+CI runs each part at the size its issue asks for. benchmarks/run_campaign.py runs them again,
 optionally bigger (MESHGEN_CAMPAIGN_SCALE), and prints the figures each part recorded."""
 from __future__ import annotations
 
 import json
 import os
-import re
 import stat
-import subprocess
 from pathlib import Path
 
+from harness import describe_haproxy
 from meshgen import TOKEN_FILE
 
 # A token no real agent would hand out: any sighting of it outside the token file is a leak.
@@ -25,10 +24,9 @@ def scaled(count: int) -> int:
 
 
 def haproxy_version(binary: str) -> str:
-    """`2.6.12` from `haproxy -v`, to label figures by the build that produced them."""
-    output = subprocess.run([binary, "-v"], capture_output=True, text=True).stdout
-    match = re.search(r"version (\d+\.\d+\.\d+)", output)
-    return match.group(1) if match else Path(binary).name
+    """`2.6.12`, as `haproxy -vv` reports it, to label figures by the build that produced them."""
+    build = describe_haproxy(binary)
+    return build.version if build else Path(binary).name
 
 
 def record(part: str, **figures) -> None:
