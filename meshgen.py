@@ -322,7 +322,9 @@ def instances_request(key: UpstreamKey) -> tuple[str, dict]:
         return f"/v1/query/{quote(key.name, safe='')}/execute", dict(params, connect="true")
     if key.peer:
         params["peer"] = key.peer
-    return f"/v1/health/connect/{quote(key.name, safe='')}", dict(params, passing="")
+    # ?cached: the agent answers from its cache, and with the servers out of reach it keeps
+    # answering with the last instances it knew (Consul's integration guide: "fail static").
+    return f"/v1/health/connect/{quote(key.name, safe='')}", dict(params, passing="", cached="")
 
 
 def fetch_instances(client: ConsulClient, key: UpstreamKey, extra: dict | None = None) -> Reply:
@@ -338,7 +340,8 @@ def fetch_instances(client: ConsulClient, key: UpstreamKey, extra: dict | None =
     # index 1 (which no written table has) and does not block on it.
     if not entries and key.kind == "service" and (reply.filtered_by_acls or reply.index == 1):
         raise MeshgenError(f"GET {path}: the agent hid the instances of upstream {key.name!r}: the token "
-                           f"cannot read them (it needs service:read on {key.name!r} and node:read)")
+                           f"cannot read them (it needs service:read on {key.name!r} and its sidecars, "
+                           "and node:read)")
     return Reply(entries, reply.index)
 
 

@@ -11,7 +11,7 @@ capacity; the rate also carries the load clients and the Python agent double sha
 Then the latency of cached connections while other identities wait 1 s on the agent, against
 idle: p50 and p99.
 
-    python3 benchmarks/authorize_bench.py [--haproxy PATH] [--seconds 3] [--rounds 3] [--clients 3]
+    python3 benchmarks/authorize_bench.py [--haproxy PATH|all] [--seconds 3] [--rounds 3] [--clients 3]
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import shutil
 import socket
 import ssl
 import statistics
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from harness import EchoServer, free_port, latencies, talk, wait_listening  # noqa: E402
+from harness import EchoServer, free_port, haproxy_builds, latencies, talk, wait_listening  # noqa: E402
 
 MODES = {"a": "no authorization", "b": "authorize, cache off", "c": "authorize, cached"}
 
@@ -174,11 +173,18 @@ def slow_agent_latency(haproxy: str, scratch: Path, seconds: float) -> tuple[lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--haproxy", default=shutil.which("haproxy") or "haproxy")
+    parser.add_argument("--haproxy", default="all",
+                        help="an HAProxy binary, or `all`: every build install-deps.sh installed, in turn")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=3)
     args = parser.parse_args()
+    for build in haproxy_builds(args.haproxy):
+        print(f"\n=== HAProxy {build.version} (Lua {build.lua}, OpenSSL {build.openssl})")
+        bench(build.path, args)
+
+
+def bench(haproxy: str, args) -> None:
     import meshgen
 
     echo = EchoServer()
@@ -188,7 +194,7 @@ def main() -> None:
         agent, agent_addr = start_agent(scratch, echo.port, public_port)
         try:
             code = meshgen.cli.main(["render", "--sidecar-for", "web", "--out", str(scratch / "out"),
-                                     "--haproxy", args.haproxy, "--http-addr", agent_addr],
+                                     "--haproxy", haproxy, "--http-addr", agent_addr],
                                     prog_name="meshgen", standalone_mode=False)
             assert code == 3
             configs = variants((scratch / "out" / "live").resolve())
@@ -196,14 +202,13 @@ def main() -> None:
             results = {mode: [] for mode in MODES}
             for _ in range(args.rounds):
                 for mode in MODES:
-                    results[mode].append(measure(args.haproxy, configs[mode], public_port, identity,
+                    results[mode].append(measure(haproxy, configs[mode], public_port, identity,
                                                  args.seconds, args.clients))
         finally:
             agent.terminate()
             agent.wait()
     echo.close()
-    version = subprocess.run([args.haproxy, "-v"], capture_output=True, text=True).stdout.split("\n")[0]
-    print(f"{version}; {os.cpu_count()} cores; {args.clients} client processes; "
+    print(f"{os.cpu_count()} cores; {args.clients} client processes; "
           f"{args.rounds} rounds of {args.seconds:g} s per mode, modes interleaved")
     print(f"{'mode':<28} {'conn/s':>8} {'vs (a)':>7} {'HAProxy CPU ms/conn':>20} {'capacity vs (a)':>16}")
     rate_a = statistics.median(r for r, _ in results["a"])
@@ -215,7 +220,7 @@ def main() -> None:
     print("targets: (c)/(a) >= 0.95 and (b)/(a) >= 0.85")
 
     with tempfile.TemporaryDirectory() as tmp:
-        idle, busy = slow_agent_latency(args.haproxy, Path(tmp), args.seconds * 2)
+        idle, busy = slow_agent_latency(haproxy, Path(tmp), args.seconds * 2)
     print(f"\ncached connections, {len(idle)} idle and {len(busy)} while 4 identities wait 1 s on the agent:")
     print(f"  idle  p50 {statistics.median(idle) * 1000:6.2f} ms   p99 {p99(idle) * 1000:6.2f} ms")
     print(f"  busy  p50 {statistics.median(busy) * 1000:6.2f} ms   p99 {p99(busy) * 1000:6.2f} ms"

@@ -23,8 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 from consul_double import ConsulDouble  # noqa: E402
+from harness import haproxy_builds  # noqa: E402
 
 IMPORTS = [sys.executable, "-c", "import requests, click, jinja2, cryptography"]
 
@@ -103,8 +105,12 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=1.0)
     parser.add_argument("--instances", type=int, default=10)
     parser.add_argument("--sizes", default="100,250,500,1000")
-    parser.add_argument("--haproxy", default=shutil.which("haproxy") or "haproxy")
+    parser.add_argument("--haproxy", default="haproxy",
+                        help="the HAProxy for haproxy -c; by default `haproxy` on PATH, else the oldest "
+                             "build install-deps.sh installed")
     args = parser.parse_args()
+    if not shutil.which(args.haproxy):
+        args.haproxy = haproxy_builds("all")[0].path
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, haproxy {args.haproxy}")
     no_change_vs_imports(args.runs, args.haproxy)
     scale([int(s) for s in args.sizes.split(",")], args.instances, args.latency_ms, args.haproxy)

@@ -9,13 +9,12 @@ Prints figures.
 2. Agent requests while nothing changes: `render --wait` periods, counted per endpoint, beside
    the old PoC's loop (a request per endpoint every 10 s, the leaf fetched on every cycle).
 
-    python3 benchmarks/watch_bench.py [--haproxy PATH] [--trials 15]
+    python3 benchmarks/watch_bench.py [--haproxy PATH|all] [--trials 15]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import meshgen  # noqa: E402
 from consul_double import ConsulDouble  # noqa: E402
-from harness import EchoServer, free_port, register_sidecar, wait_listening  # noqa: E402
+from harness import EchoServer, free_port, haproxy_builds, register_sidecar, wait_listening  # noqa: E402
 
 
 def until(predicate, timeout: float = 30.0, step: float = 0.005) -> float:
@@ -125,7 +124,7 @@ def idle_requests(haproxy: str, scratch: Path, periods: int, upstreams: int) -> 
     per_period = (double.count() - before) / periods
     elapsed = time.monotonic() - start
     double.stop()
-    endpoints = 3 + upstreams
+    endpoints = 3 + upstreams    # registration, roots, leaf, and each upstream's health
     print(f"\nidle, {upstreams} upstreams, {periods} wait periods of 1 s (standing in for 5 min) "
           f"in {elapsed:.1f} s:")
     print(f"  meshgen --wait: {per_period:.1f} agent requests per wait period "
@@ -136,14 +135,15 @@ def idle_requests(haproxy: str, scratch: Path, periods: int, upstreams: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--haproxy", default=shutil.which("haproxy") or "haproxy")
+    parser.add_argument("--haproxy", default="all",
+                        help="an HAProxy binary, or `all`: every build install-deps.sh installed, in turn")
     parser.add_argument("--trials", type=int, default=15)
     args = parser.parse_args()
-    version = subprocess.run([args.haproxy, "-v"], capture_output=True, text=True).stdout.split("\n")[0]
-    print(f"{version}; {os.cpu_count()} cores")
-    with tempfile.TemporaryDirectory() as tmp:
-        change_to_live(args.haproxy, args.trials, Path(tmp))
-        idle_requests(args.haproxy, Path(tmp), periods=5, upstreams=3)
+    for build in haproxy_builds(args.haproxy):
+        print(f"\n=== HAProxy {build.version} (Lua {build.lua}, OpenSSL {build.openssl}); {os.cpu_count()} cores")
+        with tempfile.TemporaryDirectory() as tmp:
+            change_to_live(build.path, args.trials, Path(tmp))
+            idle_requests(build.path, Path(tmp), periods=5, upstreams=3)
 
 
 if __name__ == "__main__":

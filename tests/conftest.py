@@ -150,3 +150,30 @@ def seed(agent):
             for sid in (f"{name}{agent.suffix}-sidecar-proxy", name + agent.suffix):
                 agent.deregister(sid)
         agent.delete_intention("www" + agent.suffix, "redis" + agent.suffix)
+
+
+# ----------------------------------------------------------------------------- the real-agent count
+
+REAL_AGENT_FIXTURES = {"real_consul", "real_consul_acl", "consul"}
+REAL_AGENT_PARAMS = {"consul", "consul-acl"}
+
+
+def _uses_real_agent(item) -> bool:
+    params = getattr(item, "callspec", None)
+    return bool(REAL_AGENT_FIXTURES & set(item.fixturenames)) or bool(
+        params and REAL_AGENT_PARAMS & {str(v) for v in params.params.values()})
+
+
+def pytest_collection_finish(session):
+    session.config.real_agent_tests = {item.nodeid for item in session.items if _uses_real_agent(item)}
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """How many tests ran on a real Consul agent, and how they ended."""
+    real = getattr(config, "real_agent_tests", set())
+    outcomes = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        outcomes[outcome] = len({r.nodeid for r in terminalreporter.stats.get(outcome, [])
+                                 if r.nodeid in real and (r.when == "call" or outcome != "passed")})
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in outcomes.items() if n)
+    terminalreporter.write_line(f"real Consul agent ({CONSUL_VERSION or 'none'}): {len(real)} tests: {summary or 'none run'}")

@@ -74,6 +74,17 @@ def passing_instances(agent, service: str, count: int, timeout: float = 20.0) ->
         time.sleep(0.25)
 
 
+def wait_passing(agent, service: str, proxy_id: str, timeout: float = 20.0) -> None:
+    """Until the agent lists the sidecar `proxy_id` of `service` as passing: its check is
+    critical until its port listens (Consul 1.8.7 runs it every 10 s; the double at once)."""
+    deadline = time.monotonic() + timeout
+    while not any(entry["Service"]["ID"] == proxy_id
+                  for entry in agent_get(agent, f"/v1/health/connect/{service}", passing="")):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{proxy_id} not passing after {timeout} s")
+        time.sleep(0.25)
+
+
 def agent_version(agent) -> tuple[int, ...]:
     """The Consul version an agent reports (the double: the current Consul it models)."""
     version = agent_get(agent, "/v1/agent/self")["Config"]["Version"]
@@ -191,6 +202,19 @@ def installed_haproxy_builds() -> list[HAProxyBuild]:
         if build and build.branch not in by_branch:
             by_branch[build.branch] = build
     return sorted(by_branch.values(), key=lambda b: tuple(int(x) for x in b.version.split(".")))
+
+
+def haproxy_builds(choice: str) -> list[HAProxyBuild]:
+    """For the benchmarks' --haproxy: `all` installed builds, or the one binary named."""
+    if choice != "all":
+        build = describe_haproxy(shutil.which(choice) or choice)
+        if build is None:
+            raise SystemExit(f"--haproxy: {choice!r} does not run")
+        return [build]
+    builds = installed_haproxy_builds()
+    if not builds:
+        raise SystemExit("no HAProxy installed: run ./install-deps.sh")
+    return builds
 
 
 # ----------------------------------------------------------------------------- local servers

@@ -124,12 +124,19 @@ class RealAgent:
     def __init__(self, url: str, token: str | None = None, suffix: str = ""):
         self.url, self.token, self.suffix = url, token, suffix
 
-    def call(self, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
+    def request(self, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
         token = token or self.token
         headers = {"X-Consul-Token": token} if token else {}
-        response = requests.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+        return requests.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def call(self, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
+        response = self.request(method, path, token, **kwargs)
         response.raise_for_status()
         return response
+
+    def call_status(self, method: str, path: str, token: str | None = None, **kwargs) -> int:
+        """The status code alone, refusals included."""
+        return self.request(method, path, token, **kwargs).status_code
 
     def register(self, definition: dict) -> str:
         service = definition.get("service", definition)

@@ -261,7 +261,8 @@ def test_token_reaches_the_agent_and_only_the_token_file(seeded_double, any_hapr
     assert stat.S_IMODE((out / meshgen.LIVE / meshgen.TOKEN_FILE).stat().st_mode) == 0o600
     assert token not in run.stdout + run.stderr
     hidden = render(seeded_double, tmp_path / "out2", any_haproxy)
-    assert hidden.code == 1 and "it needs service:read" in hidden.stderr
+    assert hidden.code == 1
+    assert "it needs service:read on the sidecar's own service, such as 'www-sidecar-proxy'" in hidden.stderr
     denied = run_meshgen("render", "--proxy-id", "www-sidecar-proxy", "--out", str(tmp_path / "out2"),
                          "--haproxy", any_haproxy, env=agent_env(seeded_double))
     assert denied.code == 1

@@ -8,14 +8,15 @@ import ssl
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 import meshgen
-from harness import (HAProxy, Identity, TagServer, free_port, meshgen_render, register_sidecar,
-                     served_certificate, talk, wait_listening)
+from harness import (HAProxy, Identity, TagServer, agent_version, free_port, meshgen_render, register_sidecar,
+                     served_certificate, talk, wait_listening, wait_passing)
 
 
 @pytest.fixture
@@ -60,18 +61,24 @@ class Sidecar:
 
 
 class Mesh:
-    def __init__(self, double, haproxy, tmp: Path):
+    """Sidecars on one agent. `suffix` keeps a test's service names apart on a shared agent."""
+
+    def __init__(self, double, haproxy, tmp: Path, suffix: str = ""):
         self.double, self.haproxy, self.tmp, self.started = double, haproxy, tmp, []
+        self.suffix = suffix
 
     def sidecar(self, service: str, app_port: int, service_id: str | None = None, **kwargs) -> Sidecar:
         port = free_port()
-        register_sidecar(self.double, service, port, app_port, service_id=service_id, **kwargs)
-        return Sidecar(self, service_id or service, port)
+        service_id = (service_id or service) + self.suffix
+        register_sidecar(self.double, service + self.suffix, port, app_port, service_id=service_id, **kwargs)
+        sidecar = Sidecar(self, service_id, port)
+        wait_passing(self.double, service + self.suffix, sidecar.proxy_id)
+        return sidecar
 
     def www(self, upstream_port: int, check: bool = False) -> Sidecar:
         config = {"destination_mode": "tcp", **({"advanced_check": "redis"} if check else {})}
         return self.sidecar("www", free_port(), upstreams=[
-            {"destination_name": "redis", "local_bind_port": upstream_port, "config": config}])
+            {"destination_name": "redis" + self.suffix, "local_bind_port": upstream_port, "config": config}])
 
 
 @pytest.fixture
@@ -82,19 +89,50 @@ def mesh(double, haproxy, tmp_path):
         process.stop()
 
 
-def test_traffic_flows_and_intentions_govern_it(mesh, double, redis_server):
+@pytest.fixture(params=["double", "consul"])
+def mesh_on_any_agent(request, haproxy, tmp_path):
+    """A mesh on the double, then on the session's real Consul agent (names suffixed)."""
+    real = request.param == "consul"
+    agent = request.getfixturevalue("real_consul" if real else "double")
+    built = Mesh(agent, haproxy, tmp_path, suffix="-" + uuid.uuid4().hex[:6] if real else "")
+    yield built
+    for process in built.started:
+        process.stop()
+    if real:
+        agent.delete_intention("www" + built.suffix, "redis" + built.suffix)
+        for name in ("www", "redis"):
+            agent.deregister(name + built.suffix)
+
+
+def until(predicate, timeout: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_traffic_flows_and_intentions_govern_it(mesh_on_any_agent, redis_server):
+    """Intentions flipped through the agent's API: the deny is logged with the agent's reason,
+    which reads `Matched intention: DENY default/www => default/redis (ID: ...)` on 1.8.7 and
+    `Matched L4 intention: default/www => default/redis (Precedence: 9, Action: DENY)` on current
+    Consul."""
+    mesh = mesh_on_any_agent
+    agent, www, redis_name = mesh.double, "www" + mesh.suffix, "redis" + mesh.suffix
     redis = mesh.sidecar("redis", redis_server, config={"authorize_cache_ttl_ms": 300})
     upstream = free_port()
     mesh.www(upstream)
-    double.set_intention("www", "redis", "allow")
+    agent.set_intention(www, redis_name, "allow")
     assert redis_ping(upstream) == b"+PONG\r\n"
-    double.set_intention("www", "redis", "deny")
-    time.sleep(0.5)
-    assert redis_ping(upstream) is None
-    redis.haproxy.wait_for_log("default/www => default/redis (Precedence: 9, Action: DENY)")
-    double.set_intention("www", "redis", "allow")
-    time.sleep(0.5)
-    assert redis_ping(upstream) == b"+PONG\r\n"
+    agent.set_intention(www, redis_name, "deny")
+    assert until(lambda: redis_ping(upstream) is None)
+    if agent_version(agent)[:2] == (1, 8):
+        redis.haproxy.wait_for_log(f"Matched intention: DENY default/{www} => default/{redis_name} (ID: ")
+    else:
+        redis.haproxy.wait_for_log(f"default/{www} => default/{redis_name} (Precedence: 9, Action: DENY)")
+    agent.set_intention(www, redis_name, "allow")
+    assert until(lambda: redis_ping(upstream) == b"+PONG\r\n")
 
 
 def test_instances_join_and_leave_with_render_and_reload(mesh, double):

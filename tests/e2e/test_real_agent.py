@@ -3,6 +3,8 @@ comes back with a new CA at the same indexes, a token that may not read an upstr
 texts authorize.lua logs. Where the double can model the same fault it runs too."""
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
 import time
@@ -12,8 +14,8 @@ import pytest
 from cryptography import x509
 
 import meshgen
-from harness import (ROOT, EchoServer, HAProxy, Identity, agent_env, free_port, load_seed, meshgen_render,
-                     register_sidecar, talk)
+from harness import (ROOT, EchoServer, HAProxy, Identity, agent_env, free_port, load_seed, meshgen_render, snapshot,
+                     passing_instances, register_sidecar, talk)
 from real_consul import ConsulProcess, RealAgent
 
 
@@ -70,6 +72,49 @@ def sidecar_token(agent, rules: str) -> str:
     return secret
 
 
+# The README's minimal policy for the token of SERVICE's sidecar with one upstream, UPSTREAM.
+MINIMAL_POLICY = {
+    "own registration": 'service "{service}-sidecar-proxy" {{ policy = "read" }}',
+    "leaf and authorize": 'service "{service}" {{ policy = "write" }}',
+    "upstream and its sidecars": 'service_prefix "{upstream}" {{ policy = "read" }}',
+    "nodes of health entries": 'node_prefix "" {{ policy = "read" }}',
+}
+
+
+def test_the_minimal_acl_policy_is_enough_and_each_rule_is_needed(real_consul_acl, tmp_path):
+    """Measured on the real agent with ACLs on and default deny: the policy renders www with
+    its redis instance and lets the redis sidecar authorize; without any one rule, something
+    a sidecar needs is refused or hidden."""
+    agent = real_consul_acl
+    suffix = "-" + uuid.uuid4().hex[:6]
+    www, redis = "www" + suffix, "redis" + suffix
+    listener = socket.create_server(("127.0.0.1", 0))
+    load_seed(agent, suffix, sidecar_ports={"redis": listener.getsockname()[1], "www": free_port()})
+    assert len(passing_instances(agent, redis, 1)) == 1
+
+    def outcome(rules: dict) -> tuple[int, int, int]:
+        token = agent.create_token("\n".join(r.format(service=www, upstream=redis) for r in rules.values()))
+        env = agent_env(agent, CONSUL_HTTP_TOKEN=token)
+        shown = subprocess.run([sys.executable, str(ROOT / "meshgen.py"), "show", "--sidecar-for", www, "--json"],
+                               env=env, capture_output=True, text=True, timeout=60)
+        instances = len(json.loads(shown.stdout)["upstreams"][0]["instances"]) if shown.returncode == 0 else -1
+        authorize = agent.call_status("POST", "/v1/agent/connect/authorize", token=token, json={
+            "Target": www, "ClientCertURI": f"spiffe://x.consul/ns/default/dc/dc1/svc/{redis}",
+            "ClientCertSerial": "01"})
+        return shown.returncode, instances, authorize
+
+    assert outcome(MINIMAL_POLICY) == (0, 1, 200)
+    without = {name: outcome({k: v for k, v in MINIMAL_POLICY.items() if k != name}) for name in MINIMAL_POLICY}
+    listener.close()
+    assert without["own registration"][0] == 1          # --sidecar-for finds no sidecar
+    assert without["leaf and authorize"][0] == 1        # the leaf is refused (403)
+    assert without["leaf and authorize"][2] == 403
+    # 1.8.7 hides entries the token may not read with no sign of it (current Consul sets
+    # X-Consul-Results-Filtered-By-ACLs): an empty upstream, not an error, without these two.
+    assert without["upstream and its sidecars"][:2] == (1, -1)   # not even the name: index 1, an error
+    assert without["nodes of health entries"][:2] == (0, 0)
+
+
 def test_a_token_that_cannot_read_an_upstream_is_an_error_not_an_empty_backend(acl_agent, any_haproxy, tmp_path):
     """Consul 1.8.7 answers [] at index 1 for a service the token may not read, and does not
     block on it; current Consul adds X-Consul-Results-Filtered-By-ACLs. Either way the upstream
@@ -81,7 +126,7 @@ def test_a_token_that_cannot_read_an_upstream_is_an_error_not_an_empty_backend(a
     assert code == 1, err
     assert err.strip().splitlines() == [
         "meshgen: error: GET /v1/health/connect/redis: the agent hid the instances of upstream 'redis': "
-        "the token cannot read them (it needs service:read on 'redis' and node:read)"]
+        "the token cannot read them (it needs service:read on 'redis' and its sidecars, and node:read)"]
     assert not (tmp_path / "out" / meshgen.LIVE).exists()
 
 
@@ -110,3 +155,136 @@ def test_intentions_of_a_real_agent_decide_and_its_reasons_are_logged_decoded(re
         echo.close()
         real_consul.delete_intention(api, web)
         real_consul.deregister(web)
+
+
+DEFINITIONS = {
+    "demo www": json.loads((ROOT / "demo" / "services.json").read_text())["services"][0],
+    "demo redis": json.loads((ROOT / "demo" / "services.json").read_text())["services"][1],
+    "compose www": json.loads((ROOT / "docker" / "consul.d" / "www.json").read_text()),
+    "compose redis": json.loads((ROOT / "docker" / "consul.d" / "redis.json").read_text()),
+    "every field": {"service": {
+        "name": "api", "id": "api-1", "port": 9090, "address": "10.0.0.7",
+        "connect": {"sidecar_service": {"port": 21500, "proxy": {
+            "local_service_address": "127.0.0.2", "local_service_port": 9091,
+            "config": {"protocol": "http", "max_inbound_connections": 64},
+            "upstreams": [
+                {"destination_name": "db", "local_bind_port": 5432, "datacenter": "dc2",
+                 "config": {"connect_timeout_ms": 2500}},
+                # (Upstreams on a unix socket are 1.10+: 1.8.7 refuses local_bind_socket_path.)
+                {"destination_type": "prepared_query", "destination_name": "geo",
+                 "local_bind_address": "127.0.0.3", "local_bind_port": 8181}],
+            "expose": {"paths": [{"path": "/health", "listener_port": 21600, "local_path_port": 9092}]}}}}}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFINITIONS))
+def test_check_expands_a_definition_as_the_agent_does(real_consul, name):
+    """`meshgen check` expands a service definition offline; the agent's own expansion of the
+    same definition must give the same sidecar, value for value, and the same model."""
+    suffix = uuid.uuid4().hex[:6]
+    definition = json.loads(json.dumps(DEFINITIONS[name]))
+    service = definition["service"]
+    service["name"] += suffix
+    if "id" in service:
+        service["id"] += suffix
+    expanded = meshgen.expand_definition(definition, name)
+    app_id = real_consul.register(definition)
+    try:
+        registered = real_consul.call("GET", f"/v1/agent/service/{app_id}-sidecar-proxy").json()
+    finally:
+        real_consul.deregister(app_id)
+
+    def differences(ours, theirs, where=""):
+        if isinstance(ours, dict):
+            return [d for key, value in ours.items() if value is not None
+                    for d in differences(value, theirs.get(key) if isinstance(theirs, dict) else None,
+                                         f"{where}.{key}")]
+        if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+            return [d for i, (a, b) in enumerate(zip(ours, theirs)) for d in differences(a, b, f"{where}[{i}]")]
+        # An empty list or object is what the agent leaves out.
+        return [] if ours == theirs or (ours in ({}, []) and theirs is None) else [f"{where}: {ours!r} != {theirs!r}"]
+
+    assert differences(expanded, registered) == []
+    assert meshgen.parse_registration(expanded, expanded["ID"]) == \
+        meshgen.parse_registration(registered, registered["ID"])
+
+
+def test_a_token_revoked_mid_run_is_one_line_and_keeps_the_bundle(real_consul_acl, any_haproxy, tmp_path):
+    agent = real_consul_acl
+    suffix = "-" + uuid.uuid4().hex[:6]
+    www = "www" + suffix
+    load_seed(agent, suffix, sidecar_ports={"www": free_port(), "redis": free_port()})
+    token = agent.create_token("\n".join(rule.format(service=www, upstream="redis" + suffix)
+                                         for rule in MINIMAL_POLICY.values()))
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--sidecar-for", www, "--out", str(out),
+               "--haproxy", any_haproxy]
+    env = agent_env(agent, CONSUL_HTTP_TOKEN=token)
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 3, first.stderr
+    before = snapshot(out)
+    agent.delete_token(token)
+    revoked = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert revoked.returncode == 1
+    assert revoked.stderr.strip().splitlines() == [
+        "meshgen: error: GET /v1/agent/services: 403 ACL not found: the agent does not know this Consul token"]
+    assert snapshot(out) == before
+    assert token not in revoked.stderr
+
+
+@pytest.fixture
+def server_and_client(consul):
+    """A Consul server on 127.0.0.1 and a client agent on 127.0.0.2 that joins it: the server
+    can stop while the client agent, which the sidecars talk to, stays."""
+    server = ConsulProcess(consul, dev=False, server=True).start(timeout=120)
+    client = ConsulProcess(consul, dev=False, server=False, bind="127.0.0.2", join=server.serf_lan).start(timeout=120)
+    yield server, client
+    client.remove()
+    server.remove()
+
+
+def test_with_the_server_stopped_for_60s_sidecars_fail_static_and_recover(server_and_client, any_haproxy, tmp_path):
+    """Consul's integration guide asks a proxy to fail static: with the servers out of reach,
+    the client agent answers from its cache (`?cached` for instances), traffic keeps flowing,
+    `render` keeps saying "unchanged" (exit 0, not 1), and recovery needs no restart."""
+    server, client = server_and_client
+    agent = RealAgent(client.url)
+    echo = EchoServer()
+    ports = {"redis": free_port(), "www": free_port(), "upstream": free_port()}
+    register_sidecar(agent, "redis", ports["redis"], echo.port)
+    register_sidecar(agent, "www", ports["www"], free_port(), upstreams=[
+        {"destination_name": "redis", "local_bind_port": ports["upstream"]}])
+    agent.set_intention("www", "redis", "allow")
+    started = []
+    try:
+        outs = {name: tmp_path / name for name in ("redis", "www")}
+        assert meshgen_render(agent, "redis-sidecar-proxy", outs["redis"], any_haproxy) == 3
+        started.append(HAProxy(any_haproxy, outs["redis"] / "haproxy.cfg", tmp_path / "redis.log",
+                               wait_for_port=ports["redis"], master_socket=tmp_path / "redis.master"))
+        assert len(passing_instances(agent, "redis", 1)) == 1      # its check sees HAProxy listen
+        assert meshgen_render(agent, "www-sidecar-proxy", outs["www"], any_haproxy) == 3
+        www = HAProxy(any_haproxy, outs["www"] / "haproxy.cfg", tmp_path / "www.log",
+                      wait_for_port=ports["upstream"], master_socket=tmp_path / "www.master")
+        started.append(www)
+        assert talk(ports["upstream"], None) == b"ping\n"
+
+        server.stop()
+        served, renders, deadline = [], [], time.monotonic() + 60
+        while time.monotonic() < deadline:
+            served.append(talk(ports["upstream"], None) == b"ping\n")
+            renders += [meshgen_render(agent, f"{name}-sidecar-proxy", outs[name], any_haproxy) for name in outs]
+            time.sleep(1)
+        assert len(served) >= 20 and served.count(False) == 0
+        assert set(renders) == {0}                                   # unchanged, answered from the cache
+
+        server.start(timeout=120)
+        register_sidecar(agent, "www", ports["www"], free_port(), config={"max_inbound_connections": 64},
+                         upstreams=[{"destination_name": "redis", "local_bind_port": ports["upstream"]}])
+        assert meshgen_render(agent, "www-sidecar-proxy", outs["www"], any_haproxy) == 3
+        www.reload()
+        assert "maxconn 64" in (outs["www"] / "haproxy.cfg").read_text()
+        assert talk(ports["upstream"], None) == b"ping\n"
+    finally:
+        for process in started:
+            process.stop()
+        echo.close()
