@@ -286,10 +286,31 @@ class ConsulDouble:
         self._server.daemon_threads = True
         self._server.request_queue_size = 256
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._probing = threading.Event()
+        threading.Thread(target=self._probe_sidecars, args=(self._probing,), daemon=True).start()
         return self
+
+    def _probe_sidecars(self, stopped: threading.Event) -> None:
+        """Consul's "Connect Sidecar Listening" check on this agent's sidecars: a TCP connect
+        to the sidecar's port, critical until it listens. Consul runs it every 10 s; the double
+        every 0.2 s, so that tests do not wait on it."""
+        while not stopped.wait(0.2):
+            with self.lock:
+                local = [(dest, inst) for dest, entries in self.instances.items() for inst in entries
+                         if inst.node["Node"] == self.node_name]
+            for dest, inst in local:
+                status = "passing" if _listening(inst.service) else "critical"
+                with self.lock:
+                    if inst.checks[1]["Status"] != status:
+                        inst.checks[1]["Status"] = status
+                        inst.checks[1]["ModifyIndex"] = self._bump()
+                        self._health_changed(dest, self.raft_index)
+                        self._changed()
 
     def stop(self) -> None:
         """Stop as an agent does: no more accepts, and every open connection closed."""
+        if getattr(self, "_probing", None):
+            self._probing.set()
         if self._server:
             self._server.shutdown()
             self._server.server_close()
@@ -386,7 +407,8 @@ class ConsulDouble:
             dest = service["Proxy"]["DestinationServiceName"]
             entries = [i for i in self.instances.get(dest, []) if i.service["ID"] != service["ID"]
                        or i.node["Node"] != self.node_name]
-            entries.append(self._instance(service, self.node, "passing"))
+            status = "passing" if _listening(service) else "critical"
+            entries.append(self._instance(service, self.node, status))
             self.instances[dest] = entries
             self._health_changed(dest, self._bump())
 
@@ -995,6 +1017,15 @@ def _encode(payload, pretty: bool) -> bytes:
     if pretty:
         return json.dumps(payload, indent=4).encode() + b"\n"
     return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _listening(service: dict) -> bool:
+    """Whether a sidecar's port accepts a TCP connection, as Consul's check on it tests."""
+    try:
+        socket.create_connection((service.get("Address") or "127.0.0.1", service["Port"]), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
 
 
 def _meta(index: int, cache: bool = False) -> dict:

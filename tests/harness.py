@@ -46,6 +46,14 @@ def _renamed(service: dict, suffix: str) -> dict:
     return service
 
 
+def seed_definition(name: str, suffix: str = "") -> dict:
+    """One of the seed's service definitions (demo/services.json), names suffixed."""
+    for registration in json.loads(SEED_SERVICES.read_text())["services"]:
+        if registration["service"]["name"] == name:
+            return _renamed(registration["service"], suffix)
+    raise KeyError(name)
+
+
 def load_seed(agent, suffix: str = "", sidecar_ports: dict | None = None) -> dict:
     """Register the seed's www -> redis example; `suffix` keeps names apart on a shared agent,
     `sidecar_ports` (by seed name) moves sidecars off the seed's ports. Returns the service IDs."""

@@ -20,6 +20,7 @@ def test_reloads_under_load_lose_no_request_and_leave_no_worker(mesh, double, re
                                                                  haproxy, monkeypatch):
     double.enable_acls("deny")
     double.add_token({"service_prefix:": "write"}, SECRET_TOKEN)
+    double.token = SECRET_TOKEN          # the harness's own reads of the agent, too
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", SECRET_TOKEN)
     double.set_intention("www", "redis", "allow")
     config = {"hard_stop_after_ms": HARD_STOP_MS}

@@ -1,5 +1,6 @@
-"""start.sh for real: meshgen, HAProxy master-worker, the agent double, under the shells of the
-Debian (dash) and Alpine (busybox ash) images."""
+"""start.sh for real: meshgen, HAProxy master-worker, the agent double (and a real Consul agent
+where no fault is injected), under the shells of the Debian (dash) and Alpine (busybox ash)
+images."""
 from __future__ import annotations
 
 import os
@@ -9,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from harness import ROOT, EchoServer, free_port, Identity, register_sidecar, talk, wait_listening
+from real_consul import RealAgent
 
 SHELLS = {"dash": ["dash"], "busybox-ash": ["busybox", "sh"], "bash": ["bash"]}
 
@@ -28,10 +31,10 @@ def shell(request):
 class StartSh:
     def __init__(self, shell: list[str], double, haproxy: str, out: Path, log: Path, **env):
         self.log_path, self.out = log, out
-        environment = dict(os.environ, MESHGEN_SERVICE_ID="web", MESHGEN_OUT=str(out),
-                           MESHGEN_WAIT="2s", MESHGEN_BACKOFF_MAX="2", MESHGEN_STOP_GRACE="3",
-                           MESHGEN_HAPROXY=haproxy, MESHGEN=f"{sys.executable} {ROOT / 'meshgen.py'}",
-                           CONSUL_HTTP_ADDR=double.url, **env)
+        environment = {**os.environ, "MESHGEN_SERVICE_ID": "web", "MESHGEN_OUT": str(out),
+                       "MESHGEN_WAIT": "2s", "MESHGEN_BACKOFF_MAX": "2", "MESHGEN_STOP_GRACE": "3",
+                       "MESHGEN_HAPROXY": haproxy, "MESHGEN": f"{sys.executable} {ROOT / 'meshgen.py'}",
+                       "CONSUL_HTTP_ADDR": double.url, **env}
         self._log = open(log, "wb")
         self.process = subprocess.Popen([*shell, str(ROOT / "start.sh")], env=environment,
                                         stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -83,19 +86,37 @@ def mesh(double, any_haproxy, tmp_path):
     echo.close()
 
 
-def test_renders_starts_haproxy_reloads_on_change_and_stops_cleanly(shell, mesh, double, tmp_path):
-    start, port, client = mesh
-    script = start(shell)
-    wait_listening(port, script.process)
-    assert talk(port, client) == b"ping\n"
-    extra = free_port()
-    double.update_service("web-sidecar-proxy",
-                          lambda s: s["Proxy"].setdefault("Config", {}).update(unsecured_bind_port=extra))
-    script.wait_for_log("the bundle changed: reloading HAProxy")
-    wait_listening(extra, script.process)
-    assert talk(extra, None) == b"ping\n"
-    assert talk(port, client) == b"ping\n"
-    assert script.stop() == 0
+@pytest.fixture(params=["double", "consul"])
+def any_agent(request):
+    """The double, then the session's real Consul agent (names suffixed)."""
+    if request.param == "consul":
+        return RealAgent(request.getfixturevalue("real_consul").url, suffix="-" + uuid.uuid4().hex[:6])
+    return request.getfixturevalue("double")
+
+
+def test_renders_starts_haproxy_reloads_on_change_and_stops_cleanly(shell, any_agent, any_haproxy, tmp_path):
+    agent, web = any_agent, "web" + getattr(any_agent, "suffix", "")
+    echo, port = EchoServer(), free_port()
+    register_sidecar(agent, web, port, echo.port)
+    agent.set_intention("api", web, "allow")
+    client = Identity.from_agent(agent, tmp_path / "ids", "api").context()
+    script = StartSh(shell, agent, any_haproxy, tmp_path / "out", tmp_path / "start.log", MESHGEN_SERVICE_ID=web)
+    try:
+        wait_listening(port, script.process)
+        assert talk(port, client) == b"ping\n"
+        extra = free_port()
+        register_sidecar(agent, web, port, echo.port, config={"unsecured_bind_port": extra})
+        script.wait_for_log("the bundle changed: reloading HAProxy")
+        wait_listening(extra, script.process)
+        assert talk(extra, None) == b"ping\n"
+        assert talk(port, client) == b"ping\n"
+        assert script.stop() == 0
+    finally:
+        script.stop()
+        echo.close()
+        if isinstance(agent, RealAgent):
+            agent.delete_intention("api", web)
+            agent.deregister(web)
     assert "SIGTERM: stopping" in script.log() and "stopped" in script.log()
     assert haproxy_processes(tmp_path / "out") == []
 

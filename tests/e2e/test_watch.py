@@ -3,10 +3,12 @@ rotation without a reload."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 from cryptography import x509
@@ -14,14 +16,15 @@ from cryptography import x509
 import meshgen
 
 from harness import (ROOT, agent_env, EchoServer, free_port, HAProxy, Identity, load_seed, register_sidecar,
-                     served_certificate, talk)
+                     seed_definition, served_certificate, talk, wait_passing)
+from real_consul import ConsulProcess, RealAgent
 
 pytestmark = pytest.mark.usefixtures("any_haproxy")
 
 
-def render(double, out, haproxy, *extra, wait=None):
-    command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--sidecar-for", "www", "--out", str(out),
-               "--haproxy", haproxy, *extra] + (["--wait", wait] if wait else [])
+def render(double, out, haproxy, *extra, wait=None, sidecar_for="www"):
+    command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--sidecar-for", sidecar_for, "--out",
+               str(out), "--haproxy", haproxy, *extra] + (["--wait", wait] if wait else [])
     return subprocess.Popen(command, env=agent_env(double), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -61,6 +64,50 @@ def test_a_change_in_each_watched_thing_ends_the_wait(seeded, change):
     code, err = finish(process)
     assert time.monotonic() - changed_at < 5, "the wait did not end with the change"
     assert code == 3, err
+
+
+REAL_CHANGES = {
+    "registration": lambda agent, names: agent.register({"service": dict(
+        names["www_definition"], connect={"sidecar_service": dict(
+            names["www_definition"]["connect"]["sidecar_service"], proxy=dict(
+                names["www_definition"]["connect"]["sidecar_service"]["proxy"],
+                config={"max_inbound_connections": 9}))})}),
+    "roots": lambda agent, names: agent.rotate_root(),
+    "instances": lambda agent, names: agent.deregister(names["redis_sidecar"]),
+}
+
+
+@pytest.mark.parametrize("change", sorted(REAL_CHANGES))
+def test_a_change_on_a_real_agent_ends_the_wait(consul, change, any_haproxy, tmp_path, request):
+    """The same on Consul 1.8.7, for what an operator can change there at will: a new
+    registration, a CA rotation (a new key), an instance leaving. (A leaf is renewed only by
+    its agent, about 20 s after a rotation on 1.8.7, so that case runs on the double alone.)
+    An agent of its own: a rotation on the session's agent would re-issue other tests' leaves."""
+    process = ConsulProcess(consul).start()
+    request.addfinalizer(process.remove)
+    suffix = "-" + uuid.uuid4().hex[:6]
+    agent = RealAgent(process.url, suffix=suffix)
+    listener = socket.create_server(("127.0.0.1", 0))
+    load_seed(agent, suffix, sidecar_ports={"www": free_port(), "redis": listener.getsockname()[1]})
+    wait_passing(agent, "redis" + suffix, f"redis{suffix}-sidecar-proxy")
+    names = {"redis_sidecar": f"redis{suffix}-sidecar-proxy",
+             "www_definition": seed_definition("www", suffix)}
+    out = tmp_path / "out"
+    try:
+        code, err = finish(render(agent, out, any_haproxy, wait="20s", sidecar_for="www" + suffix))
+        assert code == 3, err
+        process = render(agent, out, any_haproxy, wait="30s", sidecar_for="www" + suffix)
+        time.sleep(0.5)
+        assert process.poll() is None                  # blocked: nothing has changed yet
+        changed_at = time.monotonic()
+        REAL_CHANGES[change](agent, names)
+        code, err = finish(process)
+        assert time.monotonic() - changed_at < 5, "the wait did not end with the change"
+        assert code == 3, err
+    finally:
+        listener.close()
+        for name in ("www", "redis"):
+            agent.deregister(name + suffix)
 
 
 def test_an_idle_wait_asks_each_endpoint_once_per_period(seeded):
