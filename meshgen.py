@@ -1266,10 +1266,32 @@ def bundle_diff(old: dict, new: dict) -> list[str]:
 #
 # A root rotation first changes only the CA bundle. With --runtime-socket, the running HAProxy
 # takes it through its runtime API and needs no reload; it knows the file by the path its config
-# loaded it from, in the bundle it was last (re)loaded on. A new leaf is not applied this way:
-# on HAProxy 2.6 and 2.8, `set ssl cert` + `commit` on a `verify required` bind leaves the bind
-# no longer asking clients for certificates (tests/e2e/test_watch.py pins it), so a leaf
-# change asks for a reload.
+# loaded it from, in the bundle it was last (re)loaded on. That reaches the public listener from
+# HAProxy 3.0 only: 2.6 and 2.8 answer `Success!` and keep verifying clients against the old
+# bundle, so a peer holding a leaf of the new root would be refused until a reload
+# (tests/e2e/test_watch.py connects with one). There, and when the version is unknown, a change
+# of roots is a reload. A new leaf is never applied this way: on 2.6 and 2.8, `set ssl cert` +
+# `commit` on a `verify required` bind stops it asking clients for certificates.
+
+LIVE_ROOTS_FROM = (3, 0)
+
+
+def haproxy_branch(haproxy: str | None) -> tuple[int, int] | None:
+    """(major, minor) of an HAProxy binary from `haproxy -v`; None if it cannot be told."""
+    if haproxy is None:
+        return None
+    try:
+        output = subprocess.run([haproxy, "-v"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"version (\d+)\.(\d+)", output)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def roots_go_live(haproxy: str | None) -> bool:
+    """Whether a CA bundle committed through the runtime API reaches this HAProxy's binds."""
+    branch = haproxy_branch(haproxy)
+    return branch is not None and branch >= LIVE_ROOTS_FROM
 
 def roots_only(live: dict, live_dir: Path, bundle: Bundle, bundle_dir: Path) -> bool:
     """The new bundle differs from the live one in roots.pem alone (its config only in the
@@ -1412,11 +1434,14 @@ class RenderResult:
     """What one run did, as consul-template's RenderResult says whether it rendered and would
     render. `changed`: the new bundle differs from the live one (on a dry run: would differ).
     `written`: it is live now. `applied_live`: the running HAProxy took the change through its
-    runtime API, so no reload is due. `waited_out`: --wait passed with nothing changed."""
+    runtime API, so no reload is due. `roots_only`: the change was to the CA roots alone, which
+    --runtime-socket hands to HAProxy where it takes them. `waited_out`: --wait passed with
+    nothing changed."""
     proxy_id: str
     changed: bool = False
     written: bool = False
     applied_live: bool = False
+    roots_only: bool = False
     waited_out: bool = False
     diff: str = ""
     warnings: tuple[str, ...] = ()
@@ -1463,10 +1488,12 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
                             warnings=tuple(warnings))
     # 6. Write, check and swap in the new bundle (write_bundle's own steps).
     warnings = write_bundle(out_dir, bundle, request.haproxy) if changed else []
-    # 7. A change of CA roots alone goes to the running HAProxy instead of a reload, if asked.
+    # 7. A change of CA roots alone goes to the running HAProxy instead of a reload, if asked
+    #    and where HAProxy really takes it (the version of --haproxy, taken as the running one's).
     loaded = (previous.loaded_bundle if previous else "") or live or bundle.name
-    applied = (changed and request.runtime_socket is not None and live is not None
-               and roots_only(live_files, out_dir.resolve() / live, bundle, out_dir.resolve() / bundle.name)
+    only_roots = (changed and request.runtime_socket is not None and live is not None
+                  and roots_only(live_files, out_dir.resolve() / live, bundle, out_dir.resolve() / bundle.name))
+    applied = (only_roots and roots_go_live(request.haproxy)
                and apply_roots_live(request.runtime_socket, out_dir.resolve() / loaded, bundle.files["roots.pem"]))
     if changed and not applied:
         loaded = bundle.name    # the wrapper reloads HAProxy on exit 3
@@ -1475,7 +1502,7 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
     if state != stored:
         write_state(out_dir, state)
     return RenderResult(proxy_id, changed=changed, written=changed, applied_live=applied,
-                        warnings=tuple(warnings))
+                        roots_only=only_roots, warnings=tuple(warnings))
 
 
 @cli.command("render", epilog=EXIT_CODES_HELP)
@@ -1495,8 +1522,8 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
 @click.option("--max-blocking", type=click.IntRange(3, 4096), default=256, show_default=True,
               help="With --wait: most long polls open at once; further upstreams are polled.")
 @click.option("--runtime-socket", type=click.Path(path_type=Path), default=None,
-              help="HAProxy's admin socket: apply a change of CA roots alone live and exit 0, "
-                   "or exit 3 if HAProxy refuses it.")
+              help="HAProxy's admin socket: apply a change of CA roots alone live and exit 0 "
+                   "(HAProxy 3.0 and later), else exit 3.")
 @click.pass_context
 def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run: bool,
                    admin_socket: Path | None, wait_for: str | None, poll_interval: str,
@@ -1527,6 +1554,9 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
         say(("changed" if result.changed else "unchanged") + " (dry run)")
     elif result.applied_live:
         say(f"CA roots changed, applied live through {runtime_socket}")
+    elif result.roots_only:
+        say("CA roots changed, not applied live (HAProxy before 3.0 does not take them through the "
+            "runtime API, or HAProxy refused them): reload HAProxy")
     else:
         say("changed, reload HAProxy" if result.changed else "unchanged")
     ctx.exit(result.exit_code)

@@ -4,8 +4,8 @@ Prints figures.
 
 1. Time from a change in the agent (double) to the new state being live in HAProxy, with
    start.sh running the sidecar (`--wait`, runtime socket): an upstream instance added (render
-   and reload), a CA roots rotation (applied live through the runtime API), a leaf renewal
-   (render and reload). Median and p95 over --trials each.
+   and reload), a CA roots rotation (through the runtime API from HAProxy 3.0, a reload before),
+   a leaf renewal (render and reload). Median and p95 over --trials each.
 2. Agent requests while nothing changes: `render --wait` periods, counted per endpoint, beside
    the old PoC's loop (a request per endpoint every 10 s, the leaf fetched on every cycle).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -48,6 +49,13 @@ def runtime(out: Path, command: str) -> str:
         return ""        # between a reload's old and new worker
 
 
+def served_serial(out: Path) -> int | None:
+    """The serial of the leaf the running HAProxy holds for the live bundle."""
+    shown = runtime(out, f"show ssl cert {(out / 'live').resolve() / 'leaf.pem'}")
+    match = re.search(r"^Serial: ([0-9A-Fa-f]+)$", shown, re.M)
+    return int(match.group(1), 16) if match else None
+
+
 def p95(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=20)[18]
 
@@ -68,32 +76,32 @@ def change_to_live(haproxy: str, trials: int, scratch: Path) -> None:
     try:
         wait_listening(port, wrapper)
         time.sleep(2)
-        results = {"instance added (reload)": [], "CA roots rotated (live)": [], "leaf renewed (reload)": []}
+        live_roots = meshgen.roots_go_live(haproxy)
+        roots = "CA roots rotated (live)" if live_roots else "CA roots rotated (reload)"
+        results = {"instance added (reload)": [], roots: [], "leaf renewed (reload)": []}
         for trial in range(trials):
             address = f"10.1.{trial // 200}.{trial % 200 + 1}"
             double.add_instance("redis", address, 21000)
             results["instance added (reload)"].append(
                 until(lambda: address in runtime(out, "show servers state upstream_redis")))
             time.sleep(1.5)
-            # A root rotation as Consul runs it: the new root is listed first (live) ...
+            # A root rotation as Consul runs it: the new root is listed first (live from 3.0) ...
             double.rotate_root(reissue_leaves=False)
-            results["CA roots rotated (live)"].append(
+            results[roots].append(
                 until(lambda: "2 certificate(s)" in runtime(out, "show ssl ca-file")))
             time.sleep(1.5)
             # ... then leaves are re-issued from it (a reload) ...
             double.reissue_leaves()
             double.renew_leaf("web")
-            serial = double.leaves["web"]["SerialNumber"].replace(":", "").upper().lstrip("0")
-            results["leaf renewed (reload)"].append(
-                until(lambda: serial in runtime(out, "show ssl cert " +
-                                                str((out / "live").resolve() / "leaf.pem")).replace(":", "")))
+            serial = int(double.leaves["web"]["SerialNumber"].replace(":", ""), 16)
+            results["leaf renewed (reload)"].append(until(lambda: served_serial(out) == serial))
             time.sleep(1.5)
-            # ... and the old root goes (live again).
+            # ... and the old root goes (live again, from 3.0).
             double.drop_old_roots()
             until(lambda: "1 certificate(s)" in runtime(out, "show ssl ca-file"))
             time.sleep(1.5)
         wrapper_log = (scratch / "start.log").read_text()
-        reloads, live = wrapper_log.count("reloading HAProxy"), wrapper_log.count("applied live")
+        reloads, live = wrapper_log.count("reloading HAProxy"), wrapper_log.count("CA roots changed, applied live")
     finally:
         os.killpg(wrapper.pid, signal.SIGTERM)
         wrapper.wait(20)
@@ -104,9 +112,9 @@ def change_to_live(haproxy: str, trials: int, scratch: Path) -> None:
     for label, samples in results.items():
         print(f"  {label:<26} median {statistics.median(samples) * 1000:6.0f} ms   "
               f"p95 {p95(samples) * 1000:6.0f} ms")
-    print(f"  during the run: {reloads} reloads ({2 * trials} expected: instances, leaves), {live} changes "
-          f"applied live ({2 * trials} expected: new roots, old roots removed), "
-          f"{wrapper_log.count('render failed')} failed renders")
+    expected_live = 2 * trials if live_roots else 0      # new roots, old roots removed
+    print(f"  during the run: {reloads} reloads ({4 * trials - expected_live} expected), {live} changes "
+          f"applied live ({expected_live} expected), {wrapper_log.count('render failed')} failed renders")
 
 
 def idle_requests(haproxy: str, scratch: Path, periods: int, upstreams: int) -> None:

@@ -36,7 +36,8 @@ def consul_version(binary: str) -> str:
 
 class ConsulProcess:
     """One `consul agent` on loopback ports of its own: a dev agent (server and client in one,
-    state in memory) unless `server_addr` makes it a client that joins that server."""
+    state in memory), or with dev=False a server with its data on disk (server=True) or a client
+    agent; `join` names the serf address of an agent to join."""
 
     def __init__(self, binary: str, *, acl_master_token: str | None = None, bind: str = "127.0.0.1",
                  server: bool = True, join: str | None = None, dev: bool = True):
@@ -67,7 +68,11 @@ class ConsulProcess:
                 command += ["-server", "-bootstrap-expect", "1"]
         if self.join:
             command += ["-retry-join", self.join]
-        return command + ["-hcl", json.dumps(hcl)]
+        # The configuration in a file, not in argv: it holds the master token.
+        config = self.data_dir / "agent.json"
+        config.touch(mode=0o600)
+        config.write_text(json.dumps(hcl))
+        return command + ["-config-file", str(config)]
 
     def start(self, timeout: float = 30.0) -> "ConsulProcess":
         self._log = open(self.log_path, "ab")
@@ -168,11 +173,13 @@ class RealAgent:
             if (intention["SourceName"], intention["DestinationName"]) == (source, destination):
                 self.call("DELETE", f"/v1/connect/intentions/{intention['ID']}")
 
-    def create_token(self, rules: str) -> str:
-        """A token of a policy of these rules (ACL agents): its SecretID."""
+    def create_token(self, rules: str, secret: str | None = None) -> str:
+        """A token of a policy of these rules (ACL agents), with `secret` as its SecretID if
+        given: its SecretID."""
         policy = self.call("PUT", "/v1/acl/policy", json={
             "Name": f"meshgen-test-{time.monotonic_ns()}", "Rules": rules}).json()
-        return self.call("PUT", "/v1/acl/token", json={"Policies": [{"ID": policy["ID"]}]}).json()["SecretID"]
+        token = {"Policies": [{"ID": policy["ID"]}], **({"SecretID": secret} if secret else {})}
+        return self.call("PUT", "/v1/acl/token", json=token).json()["SecretID"]
 
     def delete_token(self, secret: str) -> None:
         accessor = self.call("GET", "/v1/acl/token/self", token=secret).json()["AccessorID"]

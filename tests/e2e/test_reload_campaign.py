@@ -1,33 +1,67 @@
 """Reloads under load: a hundred render-and-reload cycles of both sidecars of the www -> redis
 mesh, the config of each changing every time, while clients keep sending PINGs through them.
 No request may fail; no old worker may outlive hard-stop-after; the masters' memory stays flat.
-ACLs are on, so the token travels the whole path: it must never leak."""
+ACLs are on, so the token travels the whole path: it must never leak. On the double and on
+Consul 1.8.7."""
 from __future__ import annotations
 
 import socket
 import threading
 import time
+import uuid
+
+import pytest
 
 from campaign_support import SECRET_TOKEN, argv_leaks, haproxy_version, record, scaled, secret_leaks
-from harness import free_port, rss_kib
-from test_mesh import mesh, redis_ping, redis_server  # noqa: F401  (fixtures)
+from harness import free_port, register_sidecar, rss_kib
+from real_consul import RealAgent
+from test_mesh import Mesh, redis_ping, redis_server  # noqa: F401  (redis_server: a fixture)
 
 CYCLES = scaled(100)
 HARD_STOP_MS = 2000
 
 
-def test_reloads_under_load_lose_no_request_and_leave_no_worker(mesh, double, redis_server,  # noqa: F811
-                                                                 haproxy, monkeypatch):
-    double.enable_acls("deny")
-    double.add_token({"service_prefix:": "write"}, SECRET_TOKEN)
-    double.token = SECRET_TOKEN          # the harness's own reads of the agent, too
+@pytest.fixture(params=["double", "consul-acl"])
+def campaign_mesh(request, haproxy, tmp_path, monkeypatch):
+    """The mesh with ACLs on and default deny, its token the campaign's secret: on the double,
+    then on the session's real Consul agent with ACLs (names suffixed). `.admin` writes
+    intentions, which the sidecars' token may not."""
+    if request.param == "double":
+        agent = admin = request.getfixturevalue("double")
+        agent.enable_acls("deny")
+        agent.add_token({"service_prefix:": "write"}, SECRET_TOKEN)
+        suffix = ""
+    else:
+        admin = request.getfixturevalue("real_consul_acl")
+        admin.create_token('service_prefix "" { policy = "write" }\nnode_prefix "" { policy = "read" }',
+                           secret=SECRET_TOKEN)
+        request.addfinalizer(lambda: admin.delete_token(SECRET_TOKEN))
+        agent, suffix = RealAgent(admin.url), "-" + uuid.uuid4().hex[:6]
+    agent.token = SECRET_TOKEN           # the harness's own reads and writes too
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", SECRET_TOKEN)
-    double.set_intention("www", "redis", "allow")
+    built = Mesh(agent, haproxy, tmp_path, suffix)
+    built.admin = admin
+    yield built
+    for process in built.started:
+        process.stop()
+    if suffix:
+        admin.delete_intention("www" + suffix, "redis" + suffix)
+        for name in ("www", "redis"):
+            admin.deregister(name + suffix)
+
+
+def test_reloads_under_load_lose_no_request_and_leave_no_worker(campaign_mesh, redis_server, haproxy):
+    mesh = campaign_mesh
+    agent, suffix = mesh.double, mesh.suffix
+    mesh.admin.set_intention("www" + suffix, "redis" + suffix, "allow")
     config = {"hard_stop_after_ms": HARD_STOP_MS}
     redis = mesh.sidecar("redis", redis_server, config=dict(config))
     upstream = free_port()
-    www = mesh.sidecar("www", free_port(), config=dict(config), upstreams=[
-        {"destination_name": "redis", "local_bind_port": upstream, "config": {"destination_mode": "tcp"}}])
+    www_upstreams = [{"destination_name": "redis" + suffix, "local_bind_port": upstream,
+                      "config": {"destination_mode": "tcp"}}]
+    www_app = free_port()
+    www = mesh.sidecar("www", www_app, config=dict(config), upstreams=www_upstreams)
+    registrations = {www: (www_app, www_upstreams), redis: (redis_server, [])}
     sidecars = (www, redis)
     assert redis_ping(upstream) == b"+PONG\r\n"
 
@@ -49,8 +83,9 @@ def test_reloads_under_load_lose_no_request_and_leave_no_worker(mesh, double, re
         for cycle in range(1, CYCLES + 1):
             idle.append(socket.create_connection(("127.0.0.1", upstream)))
             for sidecar in sidecars:
-                double.update_service(sidecar.proxy_id, lambda s: s["Proxy"]["Config"].update(
-                    local_connect_timeout_ms=1000 + cycle))
+                app_port, upstreams = registrations[sidecar]
+                register_sidecar(agent, sidecar.proxy_id.removesuffix("-sidecar-proxy"), sidecar.port, app_port,
+                                 dict(config, local_connect_timeout_ms=1000 + cycle), upstreams)
                 assert sidecar.render_and_reload(), cycle
             peak_old = max(peak_old, *(len(s.haproxy.old_workers()) for s in sidecars))
             if cycle == max(1, CYCLES // 10):
@@ -82,7 +117,7 @@ def test_reloads_under_load_lose_no_request_and_leave_no_worker(mesh, double, re
     assert sum(log.count("authz=allow") for log in logs) > 0
     assert argv_leaks() == []
     assert [leak for s in sidecars for leak in secret_leaks(s.out, *logs)] == []
-    record("reloads_under_load", haproxy=haproxy_version(haproxy), cycles=CYCLES,
+    record("reloads_under_load", haproxy=haproxy_version(haproxy), agent=type(agent).__name__, cycles=CYCLES,
            reloads=CYCLES * len(sidecars), requests=len(outcomes), failed=failed,
            peak_old_workers=peak_old, old_workers_after_hard_stop=len(left_behind),
            master_rss_growth_kib=max(growth.values()), master_rss_kib=max(rss_end.values()))
