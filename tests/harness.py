@@ -70,27 +70,29 @@ def load_seed(agent, suffix: str = "", sidecar_ports: dict | None = None) -> dic
     return ids
 
 
-def passing_instances(agent, service: str, count: int, timeout: float = 20.0) -> list:
-    """Wait until the agent lists `count` passing sidecars of `service`. A sidecar registered
-    with sidecar_service has a TCP check, critical until its port listens: Consul 1.8.7 runs it
-    every 10 s; the double models it passing at once."""
+def _poll_passing(agent, service: str, done, timeout: float) -> tuple[bool, list]:
+    """The passing sidecars of `service`, asked until `done(entries)` or `timeout`. A sidecar
+    registered with sidecar_service has a TCP check, critical until its port listens: Consul
+    1.8.7 runs it every 10 s, the double every 0.2 s."""
     deadline = time.monotonic() + timeout
     while True:
         entries = agent_get(agent, f"/v1/health/connect/{service}", passing="")
-        if len(entries) == count or time.monotonic() > deadline:
-            return entries
+        if done(entries) or time.monotonic() > deadline:
+            return done(entries), entries
         time.sleep(0.25)
+
+
+def passing_instances(agent, service: str, count: int, timeout: float = 20.0) -> list:
+    """The passing sidecars of `service`, once there are `count` of them (or the timeout)."""
+    return _poll_passing(agent, service, lambda entries: len(entries) == count, timeout)[1]
 
 
 def wait_passing(agent, service: str, proxy_id: str, timeout: float = 20.0) -> None:
-    """Until the agent lists the sidecar `proxy_id` of `service` as passing: its check is
-    critical until its port listens (Consul 1.8.7 runs it every 10 s; the double at once)."""
-    deadline = time.monotonic() + timeout
-    while not any(entry["Service"]["ID"] == proxy_id
-                  for entry in agent_get(agent, f"/v1/health/connect/{service}", passing="")):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{proxy_id} not passing after {timeout} s")
-        time.sleep(0.25)
+    """Until the agent lists the sidecar `proxy_id` of `service` as passing."""
+    found, _ = _poll_passing(agent, service,
+                             lambda entries: any(e["Service"]["ID"] == proxy_id for e in entries), timeout)
+    if not found:
+        raise AssertionError(f"{proxy_id} not passing after {timeout} s")
 
 
 def agent_version(agent) -> tuple[int, ...]:
@@ -148,8 +150,6 @@ def snapshot(directory: Path) -> dict:
         else:
             state[rel] = ("dir", written)
     return state
-
-
 
 
 # ----------------------------------------------------------------------------- HAProxy builds

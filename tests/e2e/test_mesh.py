@@ -8,7 +8,6 @@ import ssl
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from cryptography import x509
 import meshgen
 from harness import (HAProxy, Identity, TagServer, agent_version, free_port, meshgen_render, passing_instances,
                      register_sidecar, served_certificate, talk, wait_listening, wait_passing)
+from real_consul import RealAgent
 
 
 @pytest.fixture
@@ -89,16 +89,14 @@ def mesh(double, haproxy, tmp_path):
         process.stop()
 
 
-@pytest.fixture(params=["double", "consul"])
-def mesh_on_any_agent(request, haproxy, tmp_path):
+@pytest.fixture
+def mesh_on_any_agent(agent, haproxy, tmp_path):
     """A mesh on the double, then on the session's real Consul agent (names suffixed)."""
-    real = request.param == "consul"
-    agent = request.getfixturevalue("real_consul" if real else "double")
-    built = Mesh(agent, haproxy, tmp_path, suffix="-" + uuid.uuid4().hex[:6] if real else "")
+    built = Mesh(agent, haproxy, tmp_path, suffix=agent.suffix)
     yield built
     for process in built.started:
         process.stop()
-    if real:
+    if isinstance(agent, RealAgent):
         agent.delete_intention("www" + built.suffix, "redis" + built.suffix)
         for name in ("www", "redis"):
             agent.deregister(name + built.suffix)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import time
 import uuid
 
@@ -14,16 +12,15 @@ import pytest
 from cryptography import x509
 
 import meshgen
-from harness import (ROOT, EchoServer, HAProxy, Identity, agent_env, free_port, load_seed, meshgen_render, snapshot,
-                     passing_instances, register_sidecar, talk)
+from harness import (ROOT, agent_env, EchoServer, free_port, HAProxy, Identity, load_seed, meshgen_render,
+                     passing_instances, register_sidecar, run_meshgen, snapshot, talk)
 from real_consul import ConsulProcess, RealAgent
 
 
 def render(agent, out, haproxy, *extra, env=None):
-    command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--sidecar-for", "www", "--out", str(out),
-               "--haproxy", haproxy, *extra]
-    result = subprocess.run(command, env=env or agent_env(agent), capture_output=True, text=True, timeout=120)
-    return result.returncode, result.stderr
+    run = run_meshgen("render", "--sidecar-for", "www", "--out", str(out), "--haproxy", haproxy, *extra,
+                      env=env or agent_env(agent))
+    return run.code, run.stderr
 
 
 def served_roots(out) -> set[bytes]:
@@ -95,13 +92,12 @@ def test_the_minimal_acl_policy_is_enough_and_each_rule_is_needed(real_consul_ac
     def outcome(rules: dict) -> tuple[int, int, int]:
         token = agent.create_token("\n".join(r.format(service=www, upstream=redis) for r in rules.values()))
         env = agent_env(agent, CONSUL_HTTP_TOKEN=token)
-        shown = subprocess.run([sys.executable, str(ROOT / "meshgen.py"), "show", "--sidecar-for", www, "--json"],
-                               env=env, capture_output=True, text=True, timeout=60)
-        instances = len(json.loads(shown.stdout)["upstreams"][0]["instances"]) if shown.returncode == 0 else -1
+        shown = run_meshgen("show", "--sidecar-for", www, "--json", env=env)
+        instances = len(json.loads(shown.stdout)["upstreams"][0]["instances"]) if shown.code == 0 else -1
         authorize = agent.call_status("POST", "/v1/agent/connect/authorize", token=token, json={
             "Target": www, "ClientCertURI": f"spiffe://x.consul/ns/default/dc/dc1/svc/{redis}",
             "ClientCertSerial": "01"})
-        return shown.returncode, instances, authorize, shown.stderr
+        return shown.code, instances, authorize, shown.stderr
 
     assert outcome(MINIMAL_POLICY)[:3] == (0, 1, 200)
     without = {name: outcome({k: v for k, v in MINIMAL_POLICY.items() if k != name}) for name in MINIMAL_POLICY}
@@ -219,15 +215,14 @@ def test_a_token_revoked_mid_run_is_one_line_and_keeps_the_bundle(real_consul_ac
     token = agent.create_token("\n".join(rule.format(service=www, upstream="redis" + suffix)
                                          for rule in MINIMAL_POLICY.values()))
     out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--sidecar-for", www, "--out", str(out),
-               "--haproxy", any_haproxy]
+    command = ("render", "--sidecar-for", www, "--out", str(out), "--haproxy", any_haproxy)
     env = agent_env(agent, CONSUL_HTTP_TOKEN=token)
-    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-    assert first.returncode == 3, first.stderr
+    first = run_meshgen(*command, env=env)
+    assert first.code == 3, first.stderr
     before = snapshot(out)
     agent.delete_token(token)
-    revoked = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-    assert revoked.returncode == 1
+    revoked = run_meshgen(*command, env=env)
+    assert revoked.code == 1
     assert revoked.stderr.strip().splitlines() == [
         "meshgen: error: GET /v1/agent/services: 403 ACL not found: the agent does not know this Consul token"]
     assert snapshot(out) == before

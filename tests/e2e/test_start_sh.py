@@ -86,16 +86,8 @@ def mesh(double, any_haproxy, tmp_path):
     echo.close()
 
 
-@pytest.fixture(params=["double", "consul"])
-def any_agent(request):
-    """The double, then the session's real Consul agent (names suffixed)."""
-    if request.param == "consul":
-        return RealAgent(request.getfixturevalue("real_consul").url, suffix="-" + uuid.uuid4().hex[:6])
-    return request.getfixturevalue("double")
-
-
-def test_renders_starts_haproxy_reloads_on_change_and_stops_cleanly(shell, any_agent, any_haproxy, tmp_path):
-    agent, web = any_agent, "web" + getattr(any_agent, "suffix", "")
+def test_renders_starts_haproxy_reloads_on_change_and_stops_cleanly(shell, agent, any_haproxy, tmp_path):
+    web = "web" + agent.suffix
     echo, port = EchoServer(), free_port()
     register_sidecar(agent, web, port, echo.port)
     agent.set_intention("api", web, "allow")
