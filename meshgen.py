@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -49,12 +50,19 @@ Exit codes:
   1  error: nothing on disk changed
   2  usage error"""
 
+STATUS_EXIT_CODES_HELP = """\b
+Exit codes:
+  0  HAProxy runs the live bundle
+  3  it runs something else: reload HAProxy
+  1  error: HAProxy or the bundle could not be read"""
+
 # The output directory, as `render --out DIR` leaves it:
 #
 # DIR/
 #   .bundle-<digest>/           one complete bundle per run that changed something, named by a
 #     haproxy.cfg leaf.pem      digest of what it was made from; the previous one is kept for a
-#     roots.pem authorize.lua   reload that began before the swap
+#     roots.pem authorize.lua   reload that began before the swap, and the one HAProxy loaded
+#     public.crt-list           for as long as it runs on it
 #     [consul-token]
 #   .stage-<random>/            a bundle being written; renamed to .bundle-<digest> once durable
 #   live -> .bundle-<digest>    swapped by one rename: the bundle HAProxy runs on
@@ -909,6 +917,10 @@ class Certificates:
     root_ids: tuple[str, ...]
     active_root_id: str
 
+    @property
+    def serial_number(self) -> int:
+        return int(self.serial.replace(":", ""), 16)
+
 
 def check_certificates(roots: dict, leaf: dict, service: str, now: dt.datetime) -> Certificates:
     """Before anything is written: the leaf chains to a listed root, matches its key, names
@@ -1020,8 +1032,11 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
 HERE = Path(__file__).resolve().parent
 
 
+TEMPLATES = ("haproxy.cfg", "public.crt-list")     # each rendered from templates/NAME.j2
+
+
 def resource(relative: str) -> Path:
-    """The template and Lua script: beside this file in a checkout, under share/ when installed."""
+    """The templates and Lua script: beside this file in a checkout, under share/ when installed."""
     for base in (HERE, Path(sys.prefix) / "share" / "meshgen"):
         if (base / relative).is_file():
             return base / relative
@@ -1071,7 +1086,7 @@ def bundle_name(*material) -> str:
     """A digest of everything a bundle is made from, template and script included: the same
     input always gives the same name, and a config can name its own directory."""
     digest = hashlib.sha256(repr(material).encode())
-    for path in (resource("templates/haproxy.cfg.j2"), resource("authorize.lua")):
+    for path in (*(resource(f"templates/{t}.j2") for t in TEMPLATES), resource("authorize.lua")):
         digest.update(path.read_bytes())
     return BUNDLE_PREFIX + digest.hexdigest()[:16]
 
@@ -1090,12 +1105,12 @@ def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, agent: 
         loader=jinja2.FileSystemLoader(str(resource("templates/haproxy.cfg.j2").parent)),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
         lstrip_blocks=True, autoescape=False)
-    config = environment.get_template("haproxy.cfg.j2").render(
-        sidecar=sidecar, agent=agent, trust_domain=certs.trust_domain, with_token=token is not None,
-        bundle=str(bundle_dir), admin_socket=str(admin_socket), token_file=TOKEN_FILE)
-    files = {"haproxy.cfg": config.encode(), "roots.pem": certs.roots_pem.encode(),
-             "leaf.pem": certs.leaf_pem.encode(),
-             "authorize.lua": resource("authorize.lua").read_bytes()}
+    values = dict(sidecar=sidecar, agent=agent, trust_domain=certs.trust_domain,
+                  with_token=token is not None, bundle=str(bundle_dir), admin_socket=str(admin_socket),
+                  token_file=TOKEN_FILE)
+    files = {name: environment.get_template(f"{name}.j2").render(**values).encode() for name in TEMPLATES}
+    files |= {"roots.pem": certs.roots_pem.encode(), "leaf.pem": certs.leaf_pem.encode(),
+              "authorize.lua": resource("authorize.lua").read_bytes()}
     if token is not None:
         files[TOKEN_FILE] = token.encode() + b"\n"
     return Bundle(bundle_dir.name, files)
@@ -1213,9 +1228,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None) -> list[str]:
+def write_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None, loaded: str | None = None) -> list[str]:
     """Make `bundle` the live one; `haproxy -c`'s warnings. An error of any step leaves the
-    live bundle as it was, and is one line naming --out."""
+    live bundle as it was, and is one line naming --out. `loaded`, the bundle HAProxy runs on,
+    is kept: its Lua script reads the token file from it."""
     try:
         # 1. The whole bundle, durably, in a directory of its own (staged, then renamed).
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1229,9 +1245,10 @@ def write_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None) -> list[str
             raise
         # 3. One rename of the `live` link: the swap.
         previous = swap_live(out_dir, bundle)
-        # 4. The stable names through `live`, then bundles no reload can still be reading.
+        # 4. The stable names through `live`, then bundles neither HAProxy nor a reload can
+        #    still be reading.
         link_names(out_dir, sorted(bundle.files))
-        remove_stale(out_dir, {bundle.name, previous})
+        remove_stale(out_dir, {bundle.name, previous, loaded})
     except OSError as err:
         raise MeshgenError(_write_error(out_dir, err)) from None
     return warnings
@@ -1264,70 +1281,366 @@ def bundle_diff(old: dict, new: dict) -> list[str]:
 
 # =========================================================================== apply live
 #
-# A root rotation first changes only the CA bundle. With --runtime-socket, the running HAProxy
-# takes it through its runtime API and needs no reload; it knows the file by the path its config
-# loaded it from, in the bundle it was last (re)loaded on. That reaches the public listener from
-# HAProxy 3.0 only: 2.6 and 2.8 answer `Success!` and keep verifying clients against the old
-# bundle, so a peer holding a leaf of the new root would be refused until a reload
-# (tests/e2e/test_watch.py connects with one). There, and when the version is unknown, a change
-# of roots is a reload. A new leaf is never applied this way: on 2.6 and 2.8, `set ssl cert` +
-# `commit` on a `verify required` bind stops it asking clients for certificates.
+# With --runtime-socket, a change the running HAProxy can take through its runtime API goes in
+# live instead of by a reload: new CA roots, a new leaf, an upstream's instances. HAProxy names
+# files by the paths it loaded them from, in the bundle it was last (re)loaded on. Its answer
+# `Success!` proves nothing (shared/haproxy-notes.md), so a change counts as applied only once
+# its effect is seen:
+#   roots    a throwaway CA, made in memory and never written, is committed with the new roots
+#            and must let its client in; then the roots alone, and it must be refused. Both
+#            commits reached the public listener, so it trusts exactly the new roots.
+#   leaf     a handshake with the public listener gets the new serial.
+#   both     a client without a certificate is still refused.
+#   servers  `show servers state` lists exactly the servers haproxy.cfg now renders.
+# Only while HAProxy runs the bundle meshgen last had it load (after an exit 3 it was not
+# reloaded for, the live bundle describes something else). Any other change, or an effect not
+# seen, is exit 3: the wrapper reloads HAProxy on the files already on disk. Seen so: HAProxy 2.6.12 and 3.0.11 keep the old certificate after a ca-file
+# commit (HAProxy issue #3165) until a reload; a server with open connections cannot be deleted.
 
-LIVE_ROOTS_FROM = (3, 0)
+
+# How long a removed instance's open connections may take to end before meshgen gives up on
+# deleting its server and asks for a reload, whose old worker then keeps them to their end.
+DRAIN_SECONDS = 2.0
 
 
-def haproxy_branch(haproxy: str | None) -> tuple[int, int] | None:
-    """(major, minor) of an HAProxy binary from `haproxy -v`; None if it cannot be told."""
-    if haproxy is None:
+@dataclass(frozen=True)
+class Server:
+    name: str
+    address: str        # as haproxy.cfg writes it: host:port or [v6]:port
+    weight: int
+
+    @property
+    def state(self) -> tuple[str, str, str, int]:
+        """(name, address, port, weight) as `show servers state` prints them."""
+        host, _, port = self.address.rpartition(":")
+        return self.name, host.strip("[]"), port, self.weight
+
+
+@dataclass(frozen=True)
+class Servers:
+    """An upstream backend's servers in haproxy.cfg, and the options a runtime `add server`
+    must repeat (a dynamic server takes nothing from default-server): each default-server
+    line, with the versions it applies to when the config puts it under `.if
+    version_atleast(X)` (from X) or `.if !version_atleast(X)` (before X)."""
+    backend: str
+    options: tuple[tuple[tuple[int, ...], tuple[int, ...], str], ...]     # (from, before, text)
+    servers: tuple[Server, ...]
+
+    def options_for(self, version: tuple[int, ...]) -> str:
+        return " ".join(text for since, before, text in self.options
+                        if version >= since and (not before or version < before))
+
+
+@dataclass(frozen=True)
+class LiveChange:
+    """What differs between the bundle HAProxy runs and a new one, when it can all go in live."""
+    roots_pem: bytes | None
+    leaf_pem: bytes | None
+    servers: tuple[tuple[Servers, Servers], ...]     # (running, rendered), backends that changed
+
+    def describe(self) -> str:
+        parts = (["CA roots"] if self.roots_pem else []) + (["leaf certificate"] if self.leaf_pem else [])
+        parts += [f"servers of {new.backend}" for _, new in self.servers]
+        return ", ".join(parts) or "nothing HAProxy runs on"
+
+
+_SERVER_LINE = re.compile(r"    server (\S+) (\S+) weight (\d+)")
+_DEFAULT_SERVER = "    default-server "
+_VERSION_IF = re.compile(r"\.if (!?)version_atleast\(([0-9.]+)\)")
+
+
+def split_servers(config: str, backends: set) -> tuple[str, dict]:
+    """haproxy.cfg without the server lines of the given backends, and those servers, read back
+    from the lines the template printed."""
+    kept, found, section, versions = [], {}, None, ((), ())
+    for line in config.splitlines(keepends=True):
+        if line[:1].isalpha():
+            words = line.split()
+            section = words[1] if words[0] == "backend" and words[1] in backends else None
+            if section:
+                found[section] = Servers(section, (), ())
+        elif match := _VERSION_IF.fullmatch(line.strip()):
+            bound = tuple(int(part) for part in match[2].split("."))
+            versions = ((), bound) if match[1] else (bound, ())
+        elif line.strip() == ".endif":
+            versions = ((), ())
+        elif section and (match := _SERVER_LINE.fullmatch(line.rstrip("\n"))):
+            server = Server(match[1], match[2], int(match[3]))
+            found[section] = dataclasses.replace(found[section], servers=found[section].servers + (server,))
+            continue
+        elif section and line.startswith(_DEFAULT_SERVER):
+            options = found[section].options + ((*versions, line[len(_DEFAULT_SERVER):].strip()),)
+            found[section] = dataclasses.replace(found[section], options=options)
+        kept.append(line)
+    return "".join(kept), found
+
+
+def plan_live_change(live_files: dict, live_dir: Path, bundle: Bundle, bundle_dir: Path,
+                     loaded_dir: Path, backends: set) -> LiveChange | None:
+    """The change from the live bundle to `bundle` if the runtime API can make all of it;
+    None when it needs a reload. Both are read with the paths of the bundle HAProxy loaded,
+    the names it knows its files by."""
+    if set(live_files) != set(bundle.files):
         return None
-    try:
-        output = subprocess.run([haproxy, "-v"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
+
+    def loaded_paths(files: dict, directory: Path) -> dict:
+        return {name: data.replace(str(directory).encode(), str(loaded_dir).encode()) for name, data in files.items()}
+    live, here = loaded_paths(live_files, live_dir), loaded_paths(bundle.files, bundle_dir)
+    if any(here[name] != live[name] for name in here if name not in ("haproxy.cfg", "roots.pem", "leaf.pem")):
         return None
-    match = re.search(r"version (\d+)\.(\d+)", output)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+    running_config, running = split_servers(live["haproxy.cfg"].decode(), backends)
+    new_config, rendered = split_servers(here["haproxy.cfg"].decode(), backends)
+    if running_config != new_config:
+        return None
+    changed = tuple((running[name], rendered[name]) for name in sorted(rendered) if running[name] != rendered[name])
+    if any(server.address.startswith("unix@") for _, new in changed for server in new.servers):
+        return None     # `show servers state` cannot show such a server's path: no proof, so reload
+    return LiveChange(roots_pem=here["roots.pem"] if here["roots.pem"] != live["roots.pem"] else None,
+                      leaf_pem=here["leaf.pem"] if here["leaf.pem"] != live["leaf.pem"] else None,
+                      servers=changed)
 
 
-def roots_go_live(haproxy: str | None) -> bool:
-    """Whether a CA bundle committed through the runtime API reaches this HAProxy's binds."""
-    branch = haproxy_branch(haproxy)
-    return branch is not None and branch >= LIVE_ROOTS_FROM
+class ProbeCA:
+    """A CA of meshgen's own and one client certificate from it, in memory for one run: the
+    probe that tells whether committed roots reached the public listener."""
 
-def roots_only(live: dict, live_dir: Path, bundle: Bundle, bundle_dir: Path) -> bool:
-    """The new bundle differs from the live one in roots.pem alone (its config only in the
-    directory it names)."""
-    if set(live) != set(bundle.files):
-        return False
-    config = bundle.files["haproxy.cfg"].replace(str(bundle_dir).encode(), str(live_dir).encode())
-    return config == live["haproxy.cfg"] and all(
-        live[name] == data for name, data in bundle.files.items() if name not in ("haproxy.cfg", "roots.pem"))
+    # A SPIFFE ID of no trust domain Consul gives: authorize.lua refuses it, and logs it.
+    SPIFFE_ID = "spiffe://meshgen-probe.invalid/ns/default/dc/probe/svc/meshgen-probe"
 
+    def __init__(self):
+        ca_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+        issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshgen live-change probe")])
+        now = dt.datetime.now(dt.timezone.utc)
 
-def runtime_command(socket_path: Path, command: str, timeout: float = 5.0) -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(socket_path))
-        sock.sendall(command.encode() + b"\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
+        def signed(subject: x509.Name, key, extension, critical: bool) -> bytes:
+            return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                    .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(minutes=10))
+                    .add_extension(extension, critical=critical)
+                    .sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        self.root_pem = signed(issuer, ca_key, x509.BasicConstraints(ca=True, path_length=None), True)
+        self.client_pem = signed(x509.Name([]), client_key, x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(self.SPIFFE_ID)]), True) + client_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def apply_roots_live(socket_path: Path, loaded_dir: Path, roots_pem: bytes) -> bool:
-    """Set and commit the CA bundle in the running HAProxy; False if it refuses or is not
-    there, and then the caller asks for a reload instead."""
-    target = f"ssl ca-file {loaded_dir / 'roots.pem'}"
+def _probe_context(client_pem: bytes | None, version: ssl.TLSVersion) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE      # the probe asks what the listener does, not who it is
+    context.minimum_version = context.maximum_version = version
+    if client_pem is not None:
+        # ssl loads certificates from files only: a file in memory keeps the key off the disk.
+        fd = os.memfd_create("meshgen-probe")
+        try:
+            os.write(fd, client_pem)
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    return context
+
+
+def _probe_address(public_bind: str) -> tuple[str, int]:
+    host, _, port = public_bind.rpartition(":")
+    host = host.strip("[]")
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+    return wildcard.get(host, host), int(port)
+
+
+def lets_in(address: tuple[str, int], client_pem: bytes | None, timeout: float = 3.0) -> bool:
+    """Whether the listener completes a handshake with this client certificate (or none).
+    TLS 1.2, where the server's verdict on a client certificate ends the handshake itself."""
+    context = _probe_context(client_pem, ssl.TLSVersion.TLSv1_2)
     try:
-        answer = runtime_command(socket_path, f"set {target} <<\n{roots_pem.decode()}")
-        if "transaction" not in answer.lower():
-            return False
-        if "Success" not in runtime_command(socket_path, f"commit {target}"):
-            runtime_command(socket_path, f"abort {target}")
-            return False
-        return True
-    except OSError:
+        with socket.create_connection(address, timeout=timeout) as raw, context.wrap_socket(raw):
+            return True
+    except (ssl.SSLError, OSError):
         return False
+
+
+def served_serial(address: tuple[str, int], timeout: float = 3.0) -> int | None:
+    """The serial of the certificate the listener presents. TLS 1.3, where a client without a
+    certificate finishes its side of the handshake and so sees the server's."""
+    context = _probe_context(None, ssl.TLSVersion.TLSv1_3)
+    try:
+        with socket.create_connection(address, timeout=timeout) as raw, context.wrap_socket(raw) as conn:
+            return x509.load_der_x509_certificate(conn.getpeercert(binary_form=True)).serial_number
+    except (ssl.SSLError, OSError, ValueError):
+        return None
+
+
+class RuntimeAPI:
+    """HAProxy's admin socket, one command per connection."""
+
+    def __init__(self, socket_path: Path, timeout: float = 5.0):
+        self.socket_path, self.timeout = socket_path, timeout
+
+    def __call__(self, command: str) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.socket_path))
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace").strip()
+
+    def version(self) -> tuple[int, ...]:
+        """The running HAProxy's version, as `.if version_atleast()` compares it."""
+        match = re.search(r"^Version: (\d+)\.(\d+)(?:\.(\d+))?", self("show info"), re.M)
+        if match is None:
+            raise OSError(f"no version in `show info` from {self.socket_path}")
+        return tuple(int(part) for part in match.groups() if part is not None)
+
+    def commit(self, kind: str, path: Path, pem: bytes) -> bool:
+        """`set` then `commit` of a certificate or CA file; aborted if either is refused."""
+        if "transaction" not in self(f"set ssl {kind} {path} <<\n{pem.decode()}").lower():
+            return False
+        if "Success" in self(f"commit ssl {kind} {path}"):
+            return True
+        self(f"abort ssl {kind} {path}")
+        return False
+
+    def server_states(self, backend: str) -> set | None:
+        """(name, address, port, weight) of each server that takes traffic, and (name, 'not
+        ready') for any other; None if the backend is unknown."""
+        lines = self(f"show servers state {backend}").splitlines()
+        if not lines or not lines[0].startswith("1"):
+            return None
+        states = set()
+        for line in lines[2:]:
+            fields = line.split()
+            if len(fields) < 19 or fields[1] != backend:
+                continue
+            # srv_admin_state 0: not in maintenance; srv_uweight; srv_port is the 19th field.
+            ready = fields[6] == "0"
+            states.add((fields[3], fields[4], fields[18], int(fields[7])) if ready else (fields[3], "not ready"))
+        return states
+
+
+def running_bundle(runtime: RuntimeAPI, out_dir: Path) -> str | None:
+    """The bundle of `out_dir` the running HAProxy was loaded from, by the path it names its CA
+    file by; None if it runs none."""
+    for path in map(Path, re.findall(r"^(\S+) - \d+ certificate", runtime("show ssl ca-file"), re.M)):
+        if path.name == "roots.pem" and path.parent.parent == out_dir.resolve():
+            return path.parent.name
+    return None
+
+
+def apply_live(runtime: RuntimeAPI, out_dir: Path, loaded: str, change: LiveChange,
+               listener: tuple[str, int], serial: int) -> str | None:
+    """Make `change` in the running HAProxy and check its effect: None once seen, else why not.
+    Only on the bundle meshgen last had it load: the live bundle describes that one alone."""
+    loaded_dir = out_dir.resolve() / loaded
+    try:
+        if (running := running_bundle(runtime, out_dir)) != loaded:
+            return (f"HAProxy runs {running or 'no bundle of ' + str(out_dir)}, not {loaded}, which "
+                    "meshgen last asked it to load")
+        if change.roots_pem is not None:
+            probe, path = ProbeCA(), loaded_dir / "roots.pem"
+            if not (runtime.commit("ca-file", path, change.roots_pem + probe.root_pem)
+                    and lets_in(listener, probe.client_pem)):
+                return "the new CA roots did not reach the public listener"
+            if not runtime.commit("ca-file", path, change.roots_pem) or lets_in(listener, probe.client_pem):
+                return "the public listener still trusts a CA that is not in the new roots"
+        if change.leaf_pem is not None and not runtime.commit("cert", loaded_dir / "leaf.pem", change.leaf_pem):
+            return "HAProxy refused the new leaf certificate"
+        if change.roots_pem is not None or change.leaf_pem is not None:
+            if lets_in(listener, None):
+                return "the public listener no longer demands a client certificate"
+            if (seen := served_serial(listener)) != serial:
+                return (f"the public listener serves the certificate with serial {seen:x}, not the new "
+                        f"one ({serial:x})" if seen is not None else "the public listener did not answer")
+        for running, rendered in change.servers:
+            if (why := change_servers(runtime, running, rendered)) is not None:
+                return why
+    except OSError as err:
+        return f"the runtime API at {runtime.socket_path} failed: {err.strerror or err}"
+    return None
+
+
+def change_servers(runtime: RuntimeAPI, running: Servers, rendered: Servers) -> str | None:
+    """Add, reweigh and remove one backend's servers until HAProxy runs what is rendered; new
+    servers first, so that a replaced instance never leaves the backend empty."""
+    backend, before = rendered.backend, {s.name: s for s in running.servers}
+    options = rendered.options_for(runtime.version())
+    for server in rendered.servers:
+        if server.name not in before:
+            runtime(f"add server {backend}/{server.name} {server.address} weight {server.weight} {options}")
+            # A dynamic server starts in maintenance, its health checks off.
+            runtime(f"enable server {backend}/{server.name}")
+            if re.search(r"(^| )check( |$)", options):
+                runtime(f"enable health {backend}/{server.name}")
+        elif before[server.name].weight != server.weight:
+            runtime(f"set server {backend}/{server.name} weight {server.weight}")
+    for name in sorted(set(before) - {s.name for s in rendered.servers}):
+        # In maintenance it takes no new connection; HAProxy deletes it once its open ones end.
+        runtime(f"disable server {backend}/{name}")
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while "deleted" not in (answer := runtime(f"del server {backend}/{name}")).lower():
+            if time.monotonic() > deadline:
+                return f"HAProxy kept server {backend}/{name}: {_one_line(answer)}"
+            time.sleep(0.01)
+    if runtime.server_states(backend) != {s.state for s in rendered.servers}:
+        return f"HAProxy runs other servers in {backend} than haproxy.cfg lists"
+    return None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One thing the running HAProxy has, beside what the live bundle on disk says."""
+    what: str
+    running: str
+    on_disk: str
+
+    @property
+    def same(self) -> bool:
+        return self.running == self.on_disk
+
+
+_UPSTREAM_BACKEND = re.compile(r"^backend ((?:upstream|query)_\S+)$", re.M)
+_PUBLIC_BIND = re.compile(r"^frontend public_listener\n(?:(?:    #.*)?\n)*    bind (\S+) ", re.M)
+
+
+def _fingerprints(pem: bytes) -> list[str]:
+    return sorted(c.fingerprint(hashes.SHA1()).hex().upper() for c in x509.load_pem_x509_certificates(pem))
+
+
+def _shown_servers(states) -> str:
+    if states is None:
+        return "no such backend"
+    return ", ".join(" ".join(map(str, state)) for state in sorted(states)) or "none"
+
+
+def compare_running(out_dir: Path, runtime: RuntimeAPI) -> list[Comparison]:
+    """What the running HAProxy serves and holds, beside the live bundle: the leaf's serial,
+    client verification, the CA roots, each upstream's servers."""
+    live, files = live_bundle(out_dir)
+    if live is None:
+        raise MeshgenError(f"--out {out_dir}: no live bundle there; run `meshgen render` first")
+    config = files["haproxy.cfg"].decode()
+    bind = _PUBLIC_BIND.search(config)
+    if bind is None:
+        raise MeshgenError(f"--out {out_dir}: haproxy.cfg has no public listener meshgen rendered")
+    listener = _probe_address(bind[1])
+    try:
+        running = running_bundle(runtime, out_dir)
+        held = re.findall(r"SHA1 FingerPrint: ([0-9A-F]+)",
+                          runtime(f"show ssl ca-file {out_dir.resolve() / running / 'roots.pem'}")) if running else []
+        served = served_serial(listener)
+        _, rendered = split_servers(config, set(_UPSTREAM_BACKEND.findall(config)))
+        rows = [
+            Comparison("leaf serial", "no answer" if served is None else f"{served:x}",
+                       f"{x509.load_pem_x509_certificate(files['leaf.pem']).serial_number:x}"),
+            Comparison("client without a certificate", "let in" if lets_in(listener, None) else "refused", "refused"),
+            Comparison("CA roots (SHA-1)", " ".join(sorted(held)) or "none", " ".join(_fingerprints(files["roots.pem"]))),
+        ]
+        rows += [Comparison(f"servers of {name}", _shown_servers(runtime.server_states(name)),
+                            _shown_servers({server.state for server in servers.servers}))
+                 for name, servers in sorted(rendered.items())]
+    except OSError as err:
+        raise MeshgenError(f"--runtime-socket {runtime.socket_path}: cannot reach HAProxy: {err.strerror or err}") from None
+    return rows
 
 
 # =========================================================================== commands, exit code
@@ -1434,14 +1747,15 @@ class RenderResult:
     """What one run did, as consul-template's RenderResult says whether it rendered and would
     render. `changed`: the new bundle differs from the live one (on a dry run: would differ).
     `written`: it is live now. `applied_live`: the running HAProxy took the change through its
-    runtime API, so no reload is due. `roots_only`: the change was to the CA roots alone, which
-    --runtime-socket hands to HAProxy where it takes them. `waited_out`: --wait passed with
-    nothing changed."""
+    runtime API, and its effect was seen, so no reload is due. `live_change`: what could go in
+    live (empty when it needs a reload); `not_live_because`: why it did not. `waited_out`:
+    --wait passed with nothing changed."""
     proxy_id: str
     changed: bool = False
     written: bool = False
     applied_live: bool = False
-    roots_only: bool = False
+    live_change: str = ""
+    not_live_because: str = ""
     waited_out: bool = False
     diff: str = ""
     warnings: tuple[str, ...] = ()
@@ -1487,14 +1801,18 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
         return RenderResult(proxy_id, changed=changed, diff="".join(bundle_diff(live_files, bundle.files)),
                             warnings=tuple(warnings))
     # 6. Write, check and swap in the new bundle (write_bundle's own steps).
-    warnings = write_bundle(out_dir, bundle, request.haproxy) if changed else []
-    # 7. A change of CA roots alone goes to the running HAProxy instead of a reload, if asked
-    #    and where HAProxy really takes it (the version of --haproxy, taken as the running one's).
     loaded = (previous.loaded_bundle if previous else "") or live or bundle.name
-    only_roots = (changed and request.runtime_socket is not None and live is not None
-                  and roots_only(live_files, out_dir.resolve() / live, bundle, out_dir.resolve() / bundle.name))
-    applied = (only_roots and roots_go_live(request.haproxy)
-               and apply_roots_live(request.runtime_socket, out_dir.resolve() / loaded, bundle.files["roots.pem"]))
+    warnings = write_bundle(out_dir, bundle, request.haproxy, loaded) if changed else []
+    # 7. With --runtime-socket, a change the runtime API can make goes to the running HAProxy,
+    #    and counts only once its effect is seen (see "apply live"); anything else is a reload.
+    plan = None
+    if changed and request.runtime_socket is not None and live is not None:
+        plan = plan_live_change(live_files, out_dir.resolve() / live, bundle, out_dir.resolve() / bundle.name,
+                                out_dir.resolve() / loaded, {u.proxy_name for u in sidecar.upstreams})
+    why_not = None if plan is None else apply_live(
+        RuntimeAPI(request.runtime_socket), out_dir, loaded, plan, _probe_address(sidecar.public_bind),
+        certs.serial_number)
+    applied = plan is not None and why_not is None
     if changed and not applied:
         loaded = bundle.name    # the wrapper reloads HAProxy on exit 3
     # 8. What this run saw, for the next; not rewritten when it is the same.
@@ -1502,7 +1820,8 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
     if state != stored:
         write_state(out_dir, state)
     return RenderResult(proxy_id, changed=changed, written=changed, applied_live=applied,
-                        roots_only=only_roots, warnings=tuple(warnings))
+                        live_change=plan.describe() if plan else "", not_live_because=why_not or "",
+                        warnings=tuple(warnings))
 
 
 @cli.command("render", epilog=EXIT_CODES_HELP)
@@ -1522,8 +1841,8 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
 @click.option("--max-blocking", type=click.IntRange(3, 4096), default=256, show_default=True,
               help="With --wait: most long polls open at once; further upstreams are polled.")
 @click.option("--runtime-socket", type=click.Path(path_type=Path), default=None,
-              help="HAProxy's admin socket: apply a change of CA roots alone live and exit 0 "
-                   "(HAProxy 3.0 and later), else exit 3.")
+              help="HAProxy's admin socket: apply a change of CA roots, leaf or upstream instances "
+                   "live, check that it took effect, and exit 0; else exit 3.")
 @click.pass_context
 def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run: bool,
                    admin_socket: Path | None, wait_for: str | None, poll_interval: str,
@@ -1553,10 +1872,9 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
         click.echo(result.diff, nl=False)
         say(("changed" if result.changed else "unchanged") + " (dry run)")
     elif result.applied_live:
-        say(f"CA roots changed, applied live through {runtime_socket}")
-    elif result.roots_only:
-        say("CA roots changed, not applied live (HAProxy before 3.0 does not take them through the "
-            "runtime API, or HAProxy refused them): reload HAProxy")
+        say(f"changed, applied live through {runtime_socket} and seen to take effect: {result.live_change}")
+    elif result.not_live_because:
+        say(f"changed, not applied live ({result.live_change}): {result.not_live_because}: reload HAProxy")
     else:
         say("changed, reload HAProxy" if result.changed else "unchanged")
     ctx.exit(result.exit_code)
@@ -1592,6 +1910,26 @@ def show(as_json: bool, **consul):
                    f"{len(u.instances)} healthy instance(s)")
         for i in u.instances:
             click.echo(f"  instance  {i.address}  weight {i.weight}")
+
+
+@cli.command("status", epilog=STATUS_EXIT_CODES_HELP)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The bundle directory `render --out` writes.")
+@click.option("--runtime-socket", type=click.Path(path_type=Path), default=None,
+              help="HAProxy's admin socket  [default: OUT/admin.sock]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def status(ctx, out_dir: Path, runtime_socket: Path | None, as_json: bool):
+    """Whether the running HAProxy runs the live bundle: the leaf it serves, client verification,
+    the CA roots it holds, each upstream's servers. Exit 0 if all match, 3 if not (reload)."""
+    rows = compare_running(out_dir, RuntimeAPI(runtime_socket or out_dir / "admin.sock"))
+    if as_json:
+        click.echo(json.dumps([dict(dataclasses.asdict(row), same=row.same) for row in rows], indent=2))
+    else:
+        for row in rows:
+            click.echo(f"{'same' if row.same else 'DIFFERS':8} {row.what}: running {row.running}"
+                       + ("" if row.same else f"; on disk {row.on_disk}"))
+    ctx.exit(EXIT_UNCHANGED if all(row.same for row in rows) else EXIT_CHANGED)
 
 
 @cli.command("check")

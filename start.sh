@@ -1,9 +1,10 @@
 #!/bin/sh
 # The sidecar's entrypoint, the seed's start.sh rebuilt: render the sidecar with meshgen, run
 # HAProxy on it in master-worker mode, then let meshgen wait on Consul's blocking queries and
-# render again as soon as something changes, reloading HAProxy when the files changed (a change
-# of CA roots alone goes in live, through the runtime API). Arguments, if any, are the app to run
-# beside it. POSIX sh: dash (Debian) and busybox ash (Alpine).
+# render again as soon as something changes, reloading HAProxy when the files changed. New CA
+# roots, a new leaf and upstream instances go in live through HAProxy's runtime API instead,
+# where meshgen sees them take effect. Arguments, if any, are the app to run beside it. POSIX sh:
+# dash (Debian) and busybox ash (Alpine).
 #
 # Settings, from the environment:
 #   MESHGEN_SERVICE_ID   the app's service ID in Consul; its sidecar is found from it (required)
@@ -13,6 +14,7 @@
 #   MESHGEN_BACKOFF_MAX  the longest wait after failed renders, seconds    (60)
 #   MESHGEN_STOP_GRACE   seconds open connections get on SIGTERM           (10)
 #   MESHGEN_HAPROXY      the HAProxy binary                                (haproxy)
+#   MESHGEN_LIVE         0: every change is a reload, none through the runtime API (1)
 #   MESHGEN              the meshgen command, arguments allowed            (meshgen)
 #   MESHGEN_CONSUL_AGENT_ARGS  when set, start `consul agent` with these arguments first, as the
 #                        seed's container did; it is stopped last. CONSUL_LOCAL_CONFIG, if set, is
@@ -27,6 +29,7 @@ poll_interval=${MESHGEN_POLL_INTERVAL:-30s}
 backoff_max=${MESHGEN_BACKOFF_MAX:-60}
 stop_grace=${MESHGEN_STOP_GRACE:-10}
 haproxy=${MESHGEN_HAPROXY:-haproxy}
+live=${MESHGEN_LIVE:-1}
 meshgen=${MESHGEN:-meshgen}
 
 haproxy_pid=
@@ -112,8 +115,12 @@ while :; do
     [ -n "$haproxy_pid" ] && waiting="--wait $wait_for --poll-interval $poll_interval"
     # $meshgen is a command line and $waiting a list of options: word splitting is wanted here.
     # shellcheck disable=SC2086
-    $meshgen render --sidecar-for "$service_id" --out "$out" --haproxy "$haproxy" \
-        --runtime-socket "$out/admin.sock" $waiting &
+    if [ "$live" = 0 ]; then
+        $meshgen render --sidecar-for "$service_id" --out "$out" --haproxy "$haproxy" $waiting &
+    else
+        $meshgen render --sidecar-for "$service_id" --out "$out" --haproxy "$haproxy" \
+            --runtime-socket "$out/admin.sock" $waiting &
+    fi
     render_pid=$!
     wait "$render_pid"
     code=$?

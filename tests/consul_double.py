@@ -484,6 +484,21 @@ class ConsulDouble:
             self._health_changed(destination, self.raft_index)
             self._changed()
 
+    def remove_instance(self, destination: str, service_id: str) -> None:
+        with self.lock:
+            self.instances[destination] = [i for i in self.instances.get(destination, [])
+                                           if i.service["ID"] != service_id]
+            self._health_changed(destination, self._bump())
+            self._changed()
+
+    def set_weight(self, destination: str, service_id: str, weight: int) -> None:
+        with self.lock:
+            for inst in self.instances.get(destination, []):
+                if inst.service["ID"] == service_id:
+                    inst.service["Weights"]["Passing"] = weight
+            self._health_changed(destination, self._bump())
+            self._changed()
+
     def remove_instances(self, destination: str) -> None:
         with self.lock:
             self.instances[destination] = []

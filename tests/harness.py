@@ -95,6 +95,20 @@ def wait_passing(agent, service: str, proxy_id: str, timeout: float = 20.0) -> N
         raise AssertionError(f"{proxy_id} not passing after {timeout} s")
 
 
+def checks_ran(agent, service_ids: list, timeout: float = 15.0) -> None:
+    """Until every check of these services has run once (it has an output). The double probes
+    its checks from the start, and moves no index until a status changes."""
+    if isinstance(agent, ConsulDouble):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        checks = [c for c in agent_get(agent, "/v1/agent/checks").values() if c.get("ServiceID") in service_ids]
+        if checks and all(c.get("Output") for c in checks):
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"the checks of {service_ids} did not run in {timeout} s")
+
+
 def agent_version(agent) -> tuple[int, ...]:
     """The Consul version an agent reports (the double: the current Consul it models)."""
     version = agent_get(agent, "/v1/agent/self")["Config"]["Version"]
@@ -256,8 +270,11 @@ class EchoServer(_LocalServer, socketserver.ThreadingTCPServer):
     def __init__(self):
         class Handler(socketserver.StreamRequestHandler):
             def handle(self):
-                for line in self.rfile:
-                    self.wfile.write(line)
+                try:
+                    for line in self.rfile:
+                        self.wfile.write(line)
+                except ConnectionResetError:
+                    pass        # a client that left first (HAProxy passes its reset on)
         self._serve(Handler)
 
 
@@ -302,10 +319,16 @@ def register_sidecar(double, service: str, public_port: int, app_port: int, conf
 
 def meshgen_render(agent, proxy_id: str, out: Path, haproxy: str) -> int:
     """One `meshgen render` run in-process, through meshgen.run_render: the exit code it gives."""
+    return meshgen_run(agent, proxy_id, out, haproxy).exit_code
+
+
+def meshgen_run(agent, proxy_id: str, out: Path, haproxy: str, runtime_socket: Path | None = None):
+    """One `meshgen render` run in-process (with --runtime-socket if given): its RenderResult."""
     settings = meshgen.consul_settings(agent.url, None, None, None, None, None, timeout=5.0,
                                        namespace=None, partition=None)
-    request = meshgen.RenderRequest(out_dir=out, admin_socket=(out / "admin.sock").resolve(), haproxy=haproxy)
-    return meshgen.run_render(settings, meshgen.ConsulClient(settings), proxy_id, request).exit_code
+    request = meshgen.RenderRequest(out_dir=out, admin_socket=(out / "admin.sock").resolve(), haproxy=haproxy,
+                                    runtime_socket=runtime_socket)
+    return meshgen.run_render(settings, meshgen.ConsulClient(settings), proxy_id, request)
 
 
 class HAProxy:

@@ -56,7 +56,7 @@ def test_oldest_declared_dependencies_give_the_same_commands(any_haproxy, tmp_pa
     assert versions == ["8.1.0"]
     listed = subprocess.run([str(venv / "bin" / "meshgen"), "--help"], capture_output=True, text=True).stdout
     commands = re.findall(r"^  (\S+)", listed.split("Commands:")[1].split("\n\n")[0], re.M)
-    assert commands == ["check", "render", "show"]
+    assert commands == ["check", "render", "show", "status"]
     definition = tmp_path / "www.json"
     definition.write_text(json.dumps(json.loads((ROOT / "demo" / "services.json").read_text())["services"][0]))
     run = subprocess.run([str(venv / "bin" / "meshgen"), "check", str(definition), "--haproxy", any_haproxy],

@@ -220,7 +220,7 @@ class Impostor:
 
 def check_status(admin_socket: Path, backend: str) -> str:
     """check_status of the backend's first server, from the runtime API's `show stat`."""
-    lines = meshgen.runtime_command(admin_socket, "show stat").splitlines()
+    lines = meshgen.RuntimeAPI(admin_socket)("show stat").splitlines()
     header = lines[0].lstrip("# ").split(",")
     for line in lines[1:]:
         row = dict(zip(header, line.split(",")))

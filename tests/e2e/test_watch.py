@@ -1,22 +1,18 @@
-"""`render --wait` and `--runtime-socket`: blocking queries instead of polling, certificate
-rotation without a reload."""
+"""`render --wait`: blocking queries instead of polling, each watched thing ending the wait."""
 from __future__ import annotations
 
 import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
 import pytest
-from cryptography import x509
 
 import meshgen
 
-from harness import (ROOT, agent_env, EchoServer, free_port, HAProxy, Identity, load_seed, register_sidecar,
-                     seed_definition, served_certificate, talk, wait_passing)
+from harness import ROOT, agent_env, free_port, load_seed, seed_definition, wait_passing
 from real_consul import ConsulProcess, RealAgent
 
 pytestmark = pytest.mark.usefixtures("any_haproxy")
@@ -161,110 +157,7 @@ def test_prepared_queries_are_polled(double, any_haproxy, tmp_path):
 
 
 # ----------------------------------------------------------------------------- runtime API
-
-@pytest.fixture
-def running(double, haproxy, tmp_path):
-    """The `web` sidecar under HAProxy in master-worker mode, and a way to run meshgen on it
-    with the runtime socket."""
-    echo = EchoServer()
-    port = free_port()
-    register_sidecar(double, "web", port, echo.port)
-    double.set_intention("*", "web", "allow")
-    out = tmp_path / "out"
-
-    def render_live():
-        command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--proxy-id", "web-sidecar-proxy",
-                   "--out", str(out), "--haproxy", haproxy, "--runtime-socket", str(out / "admin.sock")]
-        result = subprocess.run(command, env=agent_env(double), capture_output=True, text=True, timeout=60)
-        return result.returncode, result.stderr
-
-    code, err = render_live()
-    assert code == 3, err                             # HAProxy is not running yet: a (re)load
-    process = HAProxy(haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=port,
-                      master_socket=tmp_path / "master.sock")
-    # The client presents its certificate; which root signed the server's is checked below.
-    client = Identity.from_double(double, tmp_path / "ids", "api").context(verify_server=False)
-    yield port, client, process, render_live, out
-    process.stop()
-    echo.close()
-
-
-def test_a_root_rotation_never_refuses_a_new_root_peer(double, running, haproxy_build, tmp_path):
-    """A root rotation in Consul's order, with a peer that already holds a leaf of the new root
-    connecting right after the first step. From 3.0 the new roots go live through the runtime
-    API (no reload); 2.6 and 2.8 answer Success to that and keep the old bundle, so meshgen asks
-    for a reload there instead. Either way the peer gets in and no request fails."""
-    port, client, process, render_live, _ = running
-    live_roots = haproxy_build.branch not in ("2.6", "2.8")
-    workers = process.workers()
-    outcomes, stop = [], threading.Event()
-
-    def load():
-        while not stop.is_set():
-            outcomes.append(talk(port, client) == b"ping\n")
-
-    thread = threading.Thread(target=load)
-    thread.start()
-    try:
-        time.sleep(0.3)
-        double.rotate_root(reissue_leaves=False)     # step 1: the new root joins the trust bundle
-        code, err = render_live()
-        if live_roots:
-            assert code == 0 and "CA roots changed, applied live" in err, err
-        else:
-            assert code == 3 and "reload HAProxy" in err, err
-            process.reload()
-        assert render_live()[0] == 0                 # done once, then nothing to do
-        new_root_peer = Identity.custom(double, tmp_path / "peer", "api-new", double.service_uri("api"),
-                                        root=double.roots[-1])
-        assert talk(port, new_root_peer.context(verify_server=False)) == b"ping\n"
-        assert talk(port, new_root_peer.context(with_cert=False, verify_server=False)) is None
-        after_roots = process.workers()
-        time.sleep(0.3)
-        double.reissue_leaves()                      # step 2: a leaf from the new root
-        code, err = render_live()
-        assert code == 3 and "reload HAProxy" in err, err
-        process.reload()
-        time.sleep(0.3)
-    finally:
-        stop.set()
-        thread.join()
-    assert (after_roots == workers) == live_roots    # step 1 cost a reload only where it must
-    assert len(outcomes) > 20 and outcomes.count(False) == 0
-    new_root = x509.load_pem_x509_certificate(double._roots_json()["Roots"][-1]["RootCert"].encode())
-    served_certificate(port, client).verify_directly_issued_by(new_root)
-
-
-def test_a_live_leaf_update_keeps_client_verification_only_from_3_0(double, running, haproxy_build):
-    """Why a new leaf asks for a reload: after `set ssl cert` + `commit` on a bind with
-    `verify required` and a certificate without a DNS name (Consul's leaves), HAProxy 2.6 and
-    2.8 stop asking clients for a certificate; authorize.lua then refuses every connection (no
-    identity): fail closed, but mutual TLS is gone. 3.0 and later keep verification and serve the
-    new certificate."""
-    port, client, process, _, out = running
-    assert talk(port, client) == b"ping\n"
-    double.renew_leaf("web")
-    leaf = double.leaves["web"]
-    target = f"ssl cert {(out / meshgen.LIVE).resolve() / 'leaf.pem'}"
-    assert "Transaction" in runtime(out, f"set {target} <<\n{leaf['CertPEM']}{leaf['PrivateKeyPEM']}")
-    assert "Success" in runtime(out, f"commit {target}")
-    if haproxy_build.branch in ("2.6", "2.8"):
-        assert talk(port, client) is None
-        assert 'authz=deny reason="no client certificate"' in process.wait_for_log("no client certificate")
-    else:
-        assert talk(port, client) == b"ping\n"
-        new_leaf = x509.load_pem_x509_certificate(leaf["CertPEM"].encode())
-        assert served_certificate(port, client).serial_number == new_leaf.serial_number
-        anonymous = Identity.from_double(double, out.parent / "ids", "api").context(with_cert=False,
-                                                                                   verify_server=False)
-        assert talk(port, anonymous) is None
-        assert "no client certificate" not in process.log()    # refused in the handshake
-
-
-def runtime(out, command: str) -> str:
-    import meshgen
-    return meshgen.runtime_command(out / "admin.sock", command)
-
+# (the live changes themselves: test_live_changes.py)
 
 def test_a_refused_live_update_asks_for_a_reload(seeded):
     double, out, haproxy = seeded
