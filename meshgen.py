@@ -1294,8 +1294,9 @@ def bundle_diff(old: dict, new: dict) -> list[str]:
 #   servers  `show servers state` lists exactly the servers haproxy.cfg now renders.
 # Only while HAProxy runs the bundle meshgen last had it load (after an exit 3 it was not
 # reloaded for, the live bundle describes something else). Any other change, or an effect not
-# seen, is exit 3: the wrapper reloads HAProxy on the files already on disk. Seen so: HAProxy 2.6.12 and 3.0.11 keep the old certificate after a ca-file
-# commit (HAProxy issue #3165) until a reload; a server with open connections cannot be deleted.
+# seen, is exit 3: the wrapper reloads HAProxy on the files already on disk. Seen so: 2.6.12
+# and 3.0.11 keep the old certificate after a ca-file commit (HAProxy issue #3165) until a
+# reload; a server whose connections outlast DRAIN_SECONDS cannot be deleted.
 
 
 # How long a removed instance's open connections may take to end before meshgen gives up on
@@ -1551,19 +1552,20 @@ def apply_live(runtime: RuntimeAPI, out_dir: Path, loaded: str, change: LiveChan
             if (seen := served_serial(listener)) != serial:
                 return (f"the public listener serves the certificate with serial {seen:x}, not the new "
                         f"one ({serial:x})" if seen is not None else "the public listener did not answer")
+        version = runtime.version() if change.servers else ()
         for running, rendered in change.servers:
-            if (why := change_servers(runtime, running, rendered)) is not None:
+            if (why := change_servers(runtime, running, rendered.options_for(version), rendered)) is not None:
                 return why
     except OSError as err:
         return f"the runtime API at {runtime.socket_path} failed: {err.strerror or err}"
     return None
 
 
-def change_servers(runtime: RuntimeAPI, running: Servers, rendered: Servers) -> str | None:
-    """Add, reweigh and remove one backend's servers until HAProxy runs what is rendered; new
-    servers first, so that a replaced instance never leaves the backend empty."""
+def change_servers(runtime: RuntimeAPI, running: Servers, options: str, rendered: Servers) -> str | None:
+    """Add, reweigh and remove one backend's servers until HAProxy runs what is rendered, new
+    ones with `options`; new servers first, so that a replaced instance never leaves the
+    backend empty."""
     backend, before = rendered.backend, {s.name: s for s in running.servers}
-    options = rendered.options_for(runtime.version())
     for server in rendered.servers:
         if server.name not in before:
             runtime(f"add server {backend}/{server.name} {server.address} weight {server.weight} {options}")
