@@ -1144,8 +1144,9 @@ def validate(bundle_dir: Path, haproxy: str) -> list[str]:
 
 # =========================================================================== write
 #
-# The layout of DIR is drawn at the top of this file. A bundle goes live in the numbered steps
-# of write_bundle; every step before the swap leaves the live bundle untouched.
+# The layout of DIR is drawn at the top of this file. A bundle goes live in four numbered steps,
+# staged (stage_bundle) and then published (publish_bundle); every step before the swap leaves
+# the live bundle untouched.
 
 
 def live_name(out_dir: Path) -> str | None:
@@ -1228,21 +1229,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None, loaded: str | None = None) -> list[str]:
-    """Make `bundle` the live one; `haproxy -c`'s warnings. An error of any step leaves the
-    live bundle as it was, and is one line naming --out. `loaded`, the bundle HAProxy runs on,
-    is kept: its Lua script reads the token file from it."""
+def stage_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None) -> list[str]:
+    """Steps 1 and 2 of making `bundle` live: written and checked, not yet live; `haproxy -c`'s
+    warnings. An error leaves the live bundle as it was, and is one line naming --out."""
     try:
         # 1. The whole bundle, durably, in a directory of its own (staged, then renamed).
         out_dir.mkdir(parents=True, exist_ok=True)
         written = write_files(bundle, out_dir)
         # 2. haproxy -c on it where it will run from; a refused bundle is removed again.
         try:
-            warnings = validate(written, haproxy) if haproxy else []
+            return validate(written, haproxy) if haproxy else []
         except MeshgenError:
             if live_name(out_dir) != bundle.name:
                 shutil.rmtree(written, ignore_errors=True)
             raise
+    except OSError as err:
+        raise MeshgenError(_write_error(out_dir, err)) from None
+
+
+def publish_bundle(out_dir: Path, bundle: Bundle, loaded: str) -> None:
+    """Steps 3 and 4: the staged `bundle` becomes the live one. `loaded`, the bundle HAProxy
+    runs on, is kept: its Lua script reads the token file from it."""
+    try:
         # 3. One rename of the `live` link: the swap.
         previous = swap_live(out_dir, bundle)
         # 4. The stable names through `live`, then bundles neither HAProxy nor a reload can
@@ -1251,7 +1259,6 @@ def write_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None, loaded: str
         remove_stale(out_dir, {bundle.name, previous, loaded})
     except OSError as err:
         raise MeshgenError(_write_error(out_dir, err)) from None
-    return warnings
 
 
 def _write_error(out_dir: Path, err: OSError) -> str:
@@ -1579,7 +1586,8 @@ def change_servers(runtime: RuntimeAPI, running: Servers, options: str, rendered
         # In maintenance it takes no new connection; HAProxy deletes it once its open ones end.
         runtime(f"disable server {backend}/{name}")
         deadline = time.monotonic() + DRAIN_SECONDS
-        while "deleted" not in (answer := runtime(f"del server {backend}/{name}")).lower():
+        # Already gone is done too: a run killed after its changes but before its swap left it so.
+        while not re.search(r"deleted|no such server", answer := runtime(f"del server {backend}/{name}"), re.I):
             if time.monotonic() > deadline:
                 return f"HAProxy kept server {backend}/{name}: {_one_line(answer)}"
             time.sleep(0.01)
@@ -1802,11 +1810,12 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
                 warnings = validate(write_files(twin, Path(scratch)), request.haproxy)
         return RenderResult(proxy_id, changed=changed, diff="".join(bundle_diff(live_files, bundle.files)),
                             warnings=tuple(warnings))
-    # 6. Write, check and swap in the new bundle (write_bundle's own steps).
+    # 6. Write and check the new bundle (stage_bundle's own steps), not yet live.
     loaded = (previous.loaded_bundle if previous else "") or live or bundle.name
-    warnings = write_bundle(out_dir, bundle, request.haproxy, loaded) if changed else []
+    warnings = stage_bundle(out_dir, bundle, request.haproxy) if changed else []
     # 7. With --runtime-socket, a change the runtime API can make goes to the running HAProxy,
     #    and counts only once its effect is seen (see "apply live"); anything else is a reload.
+    #    Before the swap: a run killed in between leaves a change the next run sees again.
     plan = None
     if changed and request.runtime_socket is not None and live is not None:
         plan = plan_live_change(live_files, out_dir.resolve() / live, bundle, out_dir.resolve() / bundle.name,
@@ -1815,9 +1824,12 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
         RuntimeAPI(request.runtime_socket), out_dir, loaded, plan, _probe_address(sidecar.public_bind),
         certs.serial_number)
     applied = plan is not None and why_not is None
+    # 8. The swap (publish_bundle's own steps): what a reload loads from now on.
+    if changed:
+        publish_bundle(out_dir, bundle, loaded)
     if changed and not applied:
         loaded = bundle.name    # the wrapper reloads HAProxy on exit 3
-    # 8. What this run saw, for the next; not rewritten when it is the same.
+    # 9. What this run saw, for the next; not rewritten when it is the same.
     state = dataclasses.replace(seen, loaded_bundle=loaded)
     if state != stored:
         write_state(out_dir, state)
