@@ -1824,9 +1824,16 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
         RuntimeAPI(request.runtime_socket), out_dir, loaded, plan, _probe_address(sidecar.public_bind),
         certs.serial_number)
     applied = plan is not None and why_not is None
-    # 8. The swap (publish_bundle's own steps): what a reload loads from now on.
+    # 8. The swap (publish_bundle's own steps): what a reload loads from now on. With nothing
+    #    changed, only what a killed run left behind goes: a run that got as far as its swap
+    #    leaves the next one nothing to change.
     if changed:
         publish_bundle(out_dir, bundle, loaded)
+    else:
+        try:
+            remove_stale(out_dir, {live, loaded})
+        except OSError as err:
+            raise MeshgenError(_write_error(out_dir, err)) from None
     if changed and not applied:
         loaded = bundle.name    # the wrapper reloads HAProxy on exit 3
     # 9. What this run saw, for the next; not rewritten when it is the same.

@@ -129,15 +129,15 @@ class LiveSidecar:
             return None
 
     def servers_running(self) -> set:
-        """(name, address, port, weight) of the servers HAProxy runs for upstream_api, from
-        `show servers state`."""
+        """(name, address, port, weight, admin state) of every server HAProxy has in
+        upstream_api, from `show servers state`: one left in maintenance shows too."""
         lines = meshgen.RuntimeAPI(self.out / "admin.sock")("show servers state upstream_api").splitlines()[2:]
-        return {(f[3], f[4], f[18], int(f[7])) for f in (line.split() for line in lines) if f[6] == "0"}
+        return {(f[3], f[4], f[18], int(f[7]), f[6]) for f in (line.split() for line in lines)}
 
     def servers_rendered(self) -> set:
-        """The same, read from the haproxy.cfg on disk."""
+        """The same, read from the haproxy.cfg on disk: each server ready (admin state 0)."""
         backend = (self.out / "haproxy.cfg").read_text().split("\nbackend upstream_api\n")[1].split("\n\n")[0]
-        return {(name, host, port, int(weight)) for name, host, port, weight
+        return {(name, host, port, int(weight), "0") for name, host, port, weight
                 in re.findall(r"^    server (\S+) (\S+):(\d+) weight (\d+)$", backend, re.M)}
 
     def close(self) -> None:
@@ -214,7 +214,8 @@ def test_a_root_rotation_in_consul_order_refuses_no_peer_and_needs_no_reload(dou
         double.reissue_leaves()                               # 3. this sidecar's own leaf
         result = live.render()
         if haproxy_build.name in KEEPS_OLD_CERT_AFTER_CA_COMMIT:
-            assert result.exit_code == 3 and "serves the certificate with serial" in result.not_live_because
+            assert result.exit_code == 3, result
+            assert served_certificate(live.port, live.client).serial_number != double.leaves["web"]["_serial"]
             live.haproxy.reload()
         else:
             assert result.applied_live and result.live_change == "leaf certificate", result
@@ -333,7 +334,7 @@ class SaysSuccess:
 def test_success_from_the_runtime_api_is_not_taken_for_an_effect(double, any_haproxy, tmp_path):
     """Against an admin socket that says `Success!` to everything and changes nothing, no
     change counts as applied: meshgen looks at what HAProxy serves and runs, and asks for a
-    reload (exit 3), naming what it saw."""
+    reload (exit 3), which alone brings the change."""
     live = LiveSidecar(double, any_haproxy, tmp_path)
     liar = SaysSuccess(tmp_path / "liar.sock", live.out / "admin.sock")
     try:
@@ -341,17 +342,22 @@ def test_success_from_the_runtime_api_is_not_taken_for_an_effect(double, any_hap
             return meshgen_run(double, "web-sidecar-proxy", live.out, any_haproxy, runtime_socket=liar.path)
 
         double.renew_leaf("web")
-        result = render_through_liar()
-        assert (result.exit_code, result.live_change) == (3, "leaf certificate")
-        assert "serves the certificate with serial" in result.not_live_because
+        assert render_through_liar().exit_code == 3
+        assert served_certificate(live.port, live.client).serial_number != double.leaves["web"]["_serial"]
         live.haproxy.reload()
+        assert served_certificate(live.port, live.client).serial_number == double.leaves["web"]["_serial"]
         double.rotate_root(reissue_leaves=False)
-        result = render_through_liar()
-        assert result.exit_code == 3 and "did not reach the public listener" in result.not_live_because
+        new_root_peer = Identity.custom(double, tmp_path / "peer", "api-new", double.service_uri("api"),
+                                        root=double.roots[-1]).context(verify_server=False)
+        assert render_through_liar().exit_code == 3
+        assert talk(live.port, new_root_peer) is None
         live.haproxy.reload()
+        assert talk(live.port, new_root_peer) == b"ping\n"
         double.remove_instance("api", "api-0")
-        result = render_through_liar()
-        assert result.exit_code == 3 and "other servers in upstream_api" in result.not_live_because
+        assert render_through_liar().exit_code == 3
+        assert live.servers_running() != live.servers_rendered()
+        live.haproxy.reload()
+        assert live.servers_running() == live.servers_rendered()
     finally:
         liar.close()
         live.close()
@@ -381,8 +387,8 @@ def test_status_tells_whether_haproxy_runs_the_bundle_on_disk(double, any_haprox
         assert rows["CA roots (SHA-1)"] and rows["client without a certificate"]
         # HAProxy was not reloaded on that bundle: the live one no longer describes what it runs.
         double.renew_leaf("web")
-        result = live.render()
-        assert result.exit_code == 3 and "which meshgen last asked it to load" in result.not_live_because
+        assert live.render().exit_code == 3
+        assert served_certificate(live.port, live.client).serial_number != double.leaves["web"]["_serial"]
         live.haproxy.reload()
         code, rows = status()
         assert code == 0 and all(rows.values()), rows
