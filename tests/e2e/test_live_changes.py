@@ -48,6 +48,10 @@ class PeerSidecar:
         context.load_cert_chain(str(identity.cert), str(identity.key))
         context.load_verify_locations(cadata=roots_pem(self.double))
         context.verify_mode = ssl.CERT_REQUIRED
+        # No session tickets: a resumed session shows the certificate of the handshake that
+        # made it, and this peer reports what HAProxy presents now.
+        context.num_tickets = 0
+        context.options |= ssl.OP_NO_TICKET
         return context
 
     def refresh(self) -> None:
