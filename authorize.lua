@@ -1,12 +1,13 @@
--- authorize.lua: Consul intention checks for the public listener of a meshgen sidecar.
+-- authorize.lua: who is calling, for the public listener of a meshgen sidecar.
 --
--- For each new connection: read the client certificate's SPIFFE ID from its DER, then ask the
--- local agent (POST /v1/agent/connect/authorize) whether that identity may reach this service.
--- The call goes through core.httpclient, which yields, so a slow agent delays only the
--- connection that waits on it. Decisions are cached briefly. Any error is a deny.
+-- For each new client certificate: read its SPIFFE ID from its DER, check its trust domain,
+-- and hand haproxy.cfg the caller's namespace/service, remembered by the certificate's digest
+-- in callers.map so that its next connections need no script. haproxy.cfg looks the caller up
+-- in the bundle's intentions.map, which meshgen renders from Consul's intentions: no call
+-- leaves HAProxy, and every thread decides alike. Any error is a refusal, with its reason.
 --
--- Settings come from proc.meshgen_* variables that haproxy.cfg sets in its global section.
--- Only HAProxy's own Lua API is used: it runs unchanged on HAProxy 2.6 (Lua 5.3) and 2.8 (5.4).
+-- The trust domain comes from a proc.meshgen_* variable that haproxy.cfg sets in its global
+-- section. Only HAProxy's own Lua API is used: it runs unchanged on Lua 5.3 and 5.4.
 
 local MAX_DER = 16384      -- larger client certificates are refused unread
 local MAX_URIS = 4         -- more URI SANs than this is malformed for our purpose
@@ -101,174 +102,63 @@ local function spiffe_id(der)
 end
 
 -- ------------------------------------------------------------------------------------------
--- The agent's answer, without a JSON library: only two fields matter and both are checked.
+-- The caller, as intentions.map names it.
 
-local function json_string(s)
-    return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end) .. '"'
-end
-
-local JSON_ESCAPES = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = " ", f = " ", n = " ", r = " ", t = " " }
-
--- The JSON string that starts at `pos` (its opening quote), decoded: Consul escapes `>` as
--- \u003e. Control characters become spaces, so that a reason stays one log line.
-local function json_string_at(s, pos)
-    local out, i = {}, pos + 1
-    while i <= #s do
-        local c = s:sub(i, i)
-        if c == '"' then return table.concat(out) end
-        if c == "\\" then
-            local e = s:sub(i + 1, i + 1)
-            if e == "u" then
-                local code = tonumber(s:sub(i + 2, i + 5):match("^%x%x%x%x$") or "", 16)
-                if not code then return nil end
-                out[#out + 1] = code < 0x20 and " " or utf8.char(code)
-                i = i + 6
-            elseif JSON_ESCAPES[e] then
-                out[#out + 1] = JSON_ESCAPES[e]
-                i = i + 2
-            else
-                return nil
-            end
-        else
-            out[#out + 1] = c:byte() < 0x20 and " " or c
-            i = i + 1
-        end
+-- "namespace/service" of a service identity; nil for any other kind (agent, gateway, ...).
+local function caller_of(uri)
+    local namespace, service = uri:match("^spiffe://[^/]+/ns/([^/]+)/dc/[^/]+/svc/([^/]+)$")
+    if not namespace then
+        namespace, service = uri:match("^spiffe://[^/]+/ap/[^/]+/ns/([^/]+)/dc/[^/]+/svc/([^/]+)$")
     end
-    return nil
+    return namespace and namespace .. "/" .. service
 end
 
-local function parse_decision(body)
-    if type(body) ~= "string" or #body > 65536 then return nil end
-    local authorized = body:match('"Authorized"%s*:%s*(%a+)')
-    if authorized ~= "true" and authorized ~= "false" then return nil end
-    local start = body:match('"Reason"%s*:%s*()"')
-    local reason = start and json_string_at(body, start) or ""
-    return authorized == "true", reason:sub(1, 200)
-end
+-- Callers already identified, for haproxy.cfg to find by certificate digest without calling
+-- this script (a call costs more than the rest of a decision): at most this many per thread.
+local MAX_REMEMBERED = 10000
+local remembered = 0
 
-local function colon_hex(bin)
-    if type(bin) ~= "string" or #bin == 0 or #bin > 64 then return "" end
-    return (bin:gsub(".", function(c) return string.format("%02x:", c:byte()) end):sub(1, -2))
-end
-
--- ------------------------------------------------------------------------------------------
--- Settings and the decision cache.
-
-local settings
-local cache, cache_count = {}, 0
-
-local function load_settings(txn)
-    local s = {
-        service = txn:get_var("proc.meshgen_service"),
-        trust_domain = txn:get_var("proc.meshgen_trust_domain"),
-        url = txn:get_var("proc.meshgen_agent_url"),
-        dst = txn:get_var("proc.meshgen_agent_dst"),
-        timeout = tonumber(txn:get_var("proc.meshgen_timeout_ms")) or 500,
-        ttl = (tonumber(txn:get_var("proc.meshgen_cache_ttl_ms")) or 0) / 1000,
-        size = tonumber(txn:get_var("proc.meshgen_cache_size")) or 1000,
-        grace = (tonumber(txn:get_var("proc.meshgen_grace_ms")) or 0) / 1000,
-        token = nil,
-    }
-    local path = txn:get_var("proc.meshgen_token_file")
-    if path then
-        local file = io.open(path, "r")
-        if not file then return nil, "cannot read the token file" end
-        s.token = (file:read("*a") or ""):match("^%s*(.-)%s*$")
-        file:close()
+local function remember(txn, caller, uri)
+    local digest, map = txn:get_var("sess.meshgen_cert"), txn:get_var("proc.meshgen_callers_map")
+    if remembered < MAX_REMEMBERED and digest and map then
+        core.set_map(map, digest, caller .. "|" .. uri)     -- adds the entry when missing
+        remembered = remembered + 1
     end
-    if not (s.service and s.url) then return nil, "proc.meshgen_* settings are missing" end
-    return s
 end
 
-local function now()
-    local t = core.now()
-    return t.sec + t.usec / 1e6
-end
-
-local function remember(key, allowed, reason)
-    if settings.ttl <= 0 and settings.grace <= 0 then return end
-    if cache[key] == nil then
-        if cache_count >= settings.size then
-            -- Full: a flood of new identities must not grow memory. Start over.
-            cache, cache_count = {}, 0
-        end
-        cache_count = cache_count + 1
-    end
-    cache[key] = { allowed = allowed, reason = reason, at = now() }
-end
-
-local function ask_agent(uri, serial)
-    local body = '{"Target":' .. json_string(settings.service) .. ',"ClientCertURI":' ..
-        json_string(uri) .. ',"ClientCertSerial":' .. json_string(serial) .. '}'
-    local headers = {
-        ["content-type"] = { "application/json" },
-        ["content-length"] = { tostring(#body) },
-    }
-    if settings.token and settings.token ~= "" then headers["x-consul-token"] = { settings.token } end
-    local ok, response = pcall(function()
-        return core.httpclient():post {
-            url = settings.url .. "/v1/agent/connect/authorize",
-            dst = settings.dst, body = body, headers = headers, timeout = settings.timeout,
-        }
-    end)
-    if not ok or type(response) ~= "table" then return nil, "agent unreachable" end
-    if response.status ~= 200 then
-        return nil, "agent answered " .. tostring(response.status or "nothing")
-    end
-    local allowed, reason = parse_decision(response.body)
-    if allowed == nil then return nil, "agent answer unparsable" end
-    return allowed, reason
-end
-
-local function decide(txn)
-    if not settings then
-        local loaded, why = load_settings(txn)
-        if not loaded then return false, why end
-        settings = loaded
-    end
+local function identify(txn)
     local der = txn.f:ssl_c_der()
     -- HAProxy hands a certificate larger than its buffer (tune.bufsize) to Lua as nothing.
     -- Boolean fetches reach Lua as 0 or 1, and 0 is true in Lua.
     local used = txn.f:ssl_c_used()
     if (der == nil or der == "") and (used == true or used == 1) then
-        return false, "client certificate too large"
+        return nil, "client certificate too large"
     end
     local uri, why = spiffe_id(der)
-    if not uri then return false, why end
+    if not uri then return nil, why end
     -- Capped in the log: a longer value would cut the access log line before authz= and reason=.
     txn:set_var("sess.meshgen_spiffe", #uri > 200 and uri:sub(1, 200) .. "..." or uri)
-    -- The agent's authorize does not check the trust domain: our CA signs only ours, but a
-    -- certificate of another mesh that chains to a listed root must not get in either.
+    -- Our CA signs only our trust domain, but a certificate of another mesh that chains to a
+    -- listed root must not get in either; intentions do not name trust domains.
     local domain = uri:match("^spiffe://([^/]+)/")
-    if settings.trust_domain and domain ~= settings.trust_domain then
-        return false, "client certificate is of trust domain " .. domain .. ", not this mesh's"
+    local trust_domain = txn:get_var("proc.meshgen_trust_domain")
+    if trust_domain and domain ~= trust_domain then
+        return nil, "client certificate is of trust domain " .. domain .. ", not this mesh's"
     end
-    local serial = colon_hex(txn.f:ssl_c_serial())
-    local key = uri .. "|" .. serial
-    local cached = cache[key]
-    if cached and now() - cached.at < settings.ttl then
-        return cached.allowed, "cached: " .. cached.reason
-    end
-    -- Set before the call: if the inspect-delay runs out while the agent is silent, HAProxy
-    -- aborts this action and the connection is refused with this decision and reason logged.
-    txn:set_var("sess.meshgen_decision", "deny")
-    txn:set_var("sess.meshgen_reason", "agent did not answer in time")
-    local allowed, reason = ask_agent(uri, serial)
-    if allowed == nil then
-        if cached and cached.allowed and now() - cached.at < settings.ttl + settings.grace then
-            return true, "grace (" .. reason .. "): " .. cached.reason
-        end
-        return false, reason
-    end
-    remember(key, allowed, reason)
-    return allowed, reason
+    local caller = caller_of(uri)
+    if not caller then return nil, "client certificate is not of a service" end
+    if #uri <= 200 then remember(txn, caller, uri) end
+    return caller
 end
 
-core.register_action("meshgen_authorize", { "tcp-req" }, function(txn)
-    local ok, allowed, reason = pcall(decide, txn)
-    if not ok then allowed, reason = false, "authorize.lua error" end
-    txn:set_var("sess.meshgen_reason", reason or "")
-    txn:set_var("sess.meshgen_decision", allowed and "allow" or "deny")
+core.register_action("meshgen_identify", { "tcp-req" }, function(txn)
+    local ok, caller, why = pcall(identify, txn)
+    if not ok then caller, why = nil, "authorize.lua error" end
+    if caller then
+        txn:set_var("sess.meshgen_caller", caller)
+    else
+        txn:set_var("sess.meshgen_refusal", why or "")
+    end
 end, 0)
 
 -- ------------------------------------------------------------------------------------------
@@ -301,4 +191,4 @@ core.register_action("meshgen_verify_upstream", { "tcp-res", "http-res" }, funct
 end, 1)
 
 -- Exposed for tests run by a plain Lua interpreter (tests/test_authorize_der.py).
-return { spiffe_id = spiffe_id, parse_decision = parse_decision, colon_hex = colon_hex }
+return { spiffe_id = spiffe_id, caller_of = caller_of }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import difflib
+import functools
 import hashlib
 import ipaddress
 import json
@@ -63,7 +64,7 @@ Exit codes:
 #     haproxy.cfg leaf.pem      digest of what it was made from; the previous one is kept for a
 #     roots.pem authorize.lua   reload that began before the swap, and the one HAProxy loaded
 #     public.crt-list           for as long as it runs on it
-#     [consul-token]
+#     intentions.map callers.map
 #   .stage-<random>/            a bundle being written; renamed to .bundle-<digest> once durable
 #   live -> .bundle-<digest>    swapped by one rename: the bundle HAProxy runs on
 #   haproxy.cfg -> live/haproxy.cfg, leaf.pem -> live/leaf.pem, ...    stable names
@@ -72,12 +73,19 @@ BUNDLE_PREFIX = ".bundle-"
 STAGE_PREFIX = ".stage-"
 LIVE = "live"
 STATE_FILE = ".meshgen-state.json"
-TOKEN_FILE = "consul-token"
-SECRET_FILES = ("leaf.pem", TOKEN_FILE)     # written 0600
+INTENTIONS_MAP = "intentions.map"
+CALLERS_MAP = "callers.map"                      # filled by authorize.lua in HAProxy's memory
+PUBLIC_LISTENER = "public_listener"              # haproxy.cfg's names, as the runtime API knows them
+CONNECTIONS_TABLE = "meshgen_connections"
+SECRET_FILES = ("leaf.pem",)     # written 0600
 
 
 class MeshgenError(Exception):
     """The one error type: its message is the single line the user sees."""
+
+
+class AgentUnavailable(MeshgenError):
+    """The agent answered 5xx: it could not reach its servers for an answer it does not cache."""
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -234,10 +242,14 @@ class ConsulClient:
             self.pool = urllib3.HTTPConnectionPool(parts.hostname, parts.port or 80, **common)
 
     def get(self, path: str, params: dict | None = None) -> Reply:
-        where = f"GET {path}"
+        return self.request("GET", path, params)
+
+    def request(self, method: str, path: str, params: dict | None = None, body: dict | None = None) -> Reply:
+        where = f"{method} {path}"
         url = self.prefix + path + ("?" + urlencode(params) if params else "")
         try:
-            response = self.pool.request("GET", url, redirect=False)
+            response = self.pool.request(method, url, redirect=False,
+                                         body=None if body is None else json.dumps(body).encode())
         except urllib3.exceptions.NewConnectionError:
             raise MeshgenError(f"{where}: cannot reach the Consul agent at "
                                f"{self.settings.unix_socket or self.settings.base_url} (connection refused)") from None
@@ -249,7 +261,8 @@ class ConsulClient:
                                f"{self.settings.unix_socket or self.settings.base_url} "
                                f"({_one_line(type(err).__name__)})") from None
         if response.status != 200:
-            raise MeshgenError(f"{where}: {_status_message(response.status, response.data.decode('utf-8', 'replace'))}")
+            error = AgentUnavailable if response.status >= 500 else MeshgenError
+            raise error(f"{where}: {_status_message(response.status, response.data.decode('utf-8', 'replace'))}")
         try:
             data = json.loads(response.data)
         except ValueError as err:
@@ -307,6 +320,7 @@ class AgentData:
     roots: Reply
     leaf: Reply
     instances: dict  # Upstream.key -> Reply holding a list of health entries
+    intentions: Reply | AgentUnavailable   # of this service, highest precedence first; or why not
 
 
 def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstream, ...],
@@ -317,9 +331,46 @@ def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstre
     with ThreadPoolExecutor(max_workers=workers) as pool:
         roots = pool.submit(client.get, "/v1/agent/connect/ca/roots")
         leaf = pool.submit(client.get, f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}")
+        intentions = pool.submit(fetch_intentions, client, service)
         instances = {u.key: pool.submit(fetch_instances, client, u.key) for u in upstreams}
         return AgentData(roots.result(), leaf.result(),
-                         {key: future.result() for key, future in instances.items()})
+                         {key: future.result() for key, future in instances.items()}, intentions.result())
+
+
+INTENTIONS_PATH = "/v1/connect/intentions"
+
+
+def fetch_intentions(client: ConsulClient, service: str) -> Reply | AgentUnavailable:
+    """The intentions that apply to `service`, in Consul's order. 1.8 sends no index with them:
+    then the intentions table's, from the list endpoint, which --wait blocks on. The agent does
+    not cache them (1.8.7, `?cached` or not): with its servers out of reach it answers 500, and
+    that is returned, for the last intentions seen to stay in force."""
+    try:
+        return _fetch_intentions(client, service)
+    except AgentUnavailable as err:
+        return err
+
+
+def _fetch_intentions(client: ConsulClient, service: str) -> Reply:
+    reply = client.get(f"{INTENTIONS_PATH}/match", {"by": "destination", "name": service})
+    if not isinstance(reply.data, dict):
+        raise MeshgenError(f"GET {INTENTIONS_PATH}/match: expected a JSON object")
+    entries = reply.data.get(service) or []     # null on 1.8.7 when none match
+    if not isinstance(entries, list):
+        raise MeshgenError(f"GET {INTENTIONS_PATH}/match: {service}: expected a JSON list of intentions")
+    index = client.get(INTENTIONS_PATH).index
+    return Reply(entries, index)
+
+
+def fetch_default_decision(client: ConsulClient, service: str, caller_uri: str) -> tuple[bool, str]:
+    """The agent's own decision for a caller no intention names: Consul's wildcards, ACL
+    default policy and version defaults, without a rule of ours (section 13)."""
+    path = "/v1/agent/connect/authorize"
+    data = client.request("POST", path, body={"Target": service, "ClientCertURI": caller_uri}).data
+    if not isinstance(data, dict) or not isinstance(data.get("Authorized"), bool):
+        raise MeshgenError(f"POST {path}: expected a JSON object with a boolean Authorized")
+    reason = data.get("Reason")
+    return data["Authorized"], reason if isinstance(reason, str) else ""
 
 
 def instances_request(key: UpstreamKey) -> tuple[str, dict]:
@@ -356,8 +407,9 @@ def fetch_instances(client: ConsulClient, key: UpstreamKey, extra: dict | None =
 # =========================================================================== wait for a change
 #
 # `render --wait` blocks, all at once, on what the previous run saw: the registration by its
-# ContentHash, the roots, the leaf and each upstream's health by index. A prepared query cannot
-# block, so it is polled. The previous run's markers live beside the bundle (STATE_FILE).
+# ContentHash, the roots, the leaf, the intentions and each upstream's health by index. A
+# prepared query cannot block, so it is polled. The previous run's markers live beside the
+# bundle (STATE_FILE).
 
 
 @dataclass(frozen=True)
@@ -369,15 +421,19 @@ class WatchState:
     active_root_id: str        # a restarted agent can bring a new CA at the same roots index
     leaf_index: int
     instances: dict            # str(UpstreamKey) -> health index, or a digest for a query
+    intentions_index: int
+    intentions_seen: list      # the match list, and the agent's answer for an unnamed caller:
+    unnamed_caller: list       # kept in force while the agent cannot read them
+    connection_lifetime_ms: int    # Config max_connection_lifetime_ms: swept while waiting
     loaded_bundle: str         # the bundle HAProxy was last told to load: its runtime names
 
     @classmethod
     def of_run(cls, proxy_id: str, registration: dict, sidecar: Sidecar, data: AgentData,
-               loaded_bundle: str) -> "WatchState":
+               intentions: tuple[int, list, list], loaded_bundle: str) -> "WatchState":
         return cls(proxy_id, sidecar.service, str(registration.get("ContentHash", "")),
                    data.roots.index or 0, str(data.roots.data.get("ActiveRootID", "")), data.leaf.index or 0,
                    {str(key): _marker(key, reply) for key, reply in sorted(data.instances.items())},
-                   loaded_bundle)
+                   *intentions, sidecar.max_connection_lifetime_ms, loaded_bundle)
 
 
 def _marker(key: UpstreamKey, reply: Reply):
@@ -403,10 +459,25 @@ def write_state(out_dir: Path, state: WatchState) -> None:
         raise MeshgenError(f"--out {out_dir}: cannot write {STATE_FILE}: {err.strerror or err}") from None
 
 
+SWEEP_SECONDS = 0.5      # how often a waiting run ends connections past their lifetime
+
+
+def _intentions_index(client: ConsulClient, index: int, wait: dict) -> int:
+    """The intentions' index once it moves; with the agent's servers out of reach (they are not
+    cached), the same index after a second, so that the watch goes on rather than rendering
+    the last intentions seen once a second."""
+    try:
+        return client.get(INTENTIONS_PATH, dict(wait, index=index)).index
+    except AgentUnavailable:
+        time.sleep(1.0)
+        return index
+
+
 def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, poll_interval: float,
-                    max_blocking: int) -> bool:
+                    max_blocking: int, sweep=None) -> bool:
     """True as soon as anything the last run saw has changed (or cannot be read: the render
-    that follows reports why), False when `seconds` pass without a change."""
+    that follows reports why), False when `seconds` pass without a change. `sweep`, if given,
+    runs every SWEEP_SECONDS meanwhile."""
     # A dev agent restarted (or a cluster rebuilt) comes back with a new CA at indexes that can
     # equal the saved ones (measured on Consul 1.8.7): blocking on them would wait out the whole
     # period while the sidecar serves certificates of a dead CA. One plain read of the roots first.
@@ -444,6 +515,7 @@ def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, pol
         (lambda index, wait: client.get("/v1/agent/connect/ca/roots", dict(wait, index=index)).index,
          state.roots_index),
         (lambda index, wait: client.get(leaf_path, dict(wait, index=index)).index, state.leaf_index),
+        (lambda index, wait: _intentions_index(client, index, wait), state.intentions_index),
     ]
     polled = []
     for name, marker in sorted(state.instances.items()):
@@ -455,15 +527,22 @@ def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, pol
                             marker))
     for ask, marker in watches:
         threading.Thread(target=block, args=(ask, marker), daemon=True).start()
-    while not changed.wait(max(0.0, min(poll_interval, deadline - time.monotonic()))):
+    next_poll = time.monotonic() + poll_interval
+    while True:
+        wake = min(next_poll, deadline, time.monotonic() + SWEEP_SECONDS if sweep else math.inf)
+        if changed.wait(max(0.0, wake - time.monotonic())):
+            return True
         if time.monotonic() >= deadline:
             return False
-        try:
-            if any(_marker(key, fetch_instances(client, key)) != marker for key, marker in polled):
+        if sweep:
+            sweep()
+        if time.monotonic() >= next_poll:
+            next_poll = time.monotonic() + poll_interval
+            try:
+                if any(_marker(key, fetch_instances(client, key)) != marker for key, marker in polled):
+                    return True
+            except MeshgenError:
                 return True
-        except MeshgenError:
-            return True
-    return True
 
 
 # =========================================================================== model
@@ -677,21 +756,6 @@ class ExposePath:
 
 
 @dataclass(frozen=True)
-class Authorization:
-    """How authorize.lua asks the agent, and how long it trusts an answer."""
-    timeout_ms: int
-    cache_ttl_ms: int
-    cache_size: int
-    grace_ms: int
-
-    @property
-    def agent_call_timeout_ms(self) -> int:
-        """Per attempt: HAProxy 2.6's HTTP client tries a request up to 4 times, and the whole
-        check must fit in timeout_ms."""
-        return math.ceil(self.timeout_ms / 4)
-
-
-@dataclass(frozen=True)
 class Sidecar(_Speaks):
     proxy_id: str
     service: str                  # Proxy.DestinationServiceName: the leaf's and authorize's name
@@ -702,12 +766,12 @@ class Sidecar(_Speaks):
     local_request_timeout_ms: int
     local_idle_timeout_ms: int
     max_inbound_connections: int
+    max_connection_lifetime_ms: int   # 0: none; enforced by meshgen through the runtime API
     hard_stop_after_ms: int       # how long an old worker may drain after a reload
     unsecured_bind: str | None
     syslog_server: str | None
     prometheus_bind: str | None
     stats_bind: str | None
-    authorization: Authorization
     upstreams: tuple[Upstream, ...]
     expose_paths: tuple[ExposePath, ...]
 
@@ -747,17 +811,13 @@ def parse_registration(reg: dict, proxy_id: str) -> Sidecar:
         local_request_timeout_ms=config.int("local_request_timeout_ms", 15000),
         local_idle_timeout_ms=config.int("local_idle_timeout_ms", 300000),
         max_inbound_connections=config.int("max_inbound_connections", 0),
+        max_connection_lifetime_ms=config.int("max_connection_lifetime_ms", 0),
         hard_stop_after_ms=config.int("hard_stop_after_ms", 300000, minimum=1),
         unsecured_bind=(join_host_port(bind_host, check_port(unsecured, "Proxy.Config.unsecured_bind_port"))
                         if unsecured is not None else None),
         syslog_server=_syslog_server(config),
         prometheus_bind=_optional_host_port(config, "prometheus_bind_addr", "envoy_prometheus_bind_addr"),
         stats_bind=_optional_host_port(config, "stats_bind_addr", "envoy_stats_bind_addr"),
-        authorization=Authorization(
-            timeout_ms=config.int("authorize_timeout_ms", 2000, minimum=100),
-            cache_ttl_ms=config.int("authorize_cache_ttl_ms", 10000),
-            cache_size=config.int("authorize_cache_size", 10000, minimum=1),
-            grace_ms=config.int("authorize_grace_ms", 0)),
         upstreams=tuple(sorted((u for u in upstreams if u is not None), key=lambda u: u.key)),
         expose_paths=tuple(sorted(_expose_paths(proxy, bind_host), key=lambda p: p.listener_port)),
     )
@@ -1027,12 +1087,210 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
     return uris[0]
 
 
+# =========================================================================== intentions
+#
+# Consul's intentions for this service become intentions.map in the bundle, which haproxy.cfg
+# looks up on each connection (in HTTP mode, each request): the caller's namespace/service, as
+# authorize.lua reads it from the SPIFFE ID, to a decision. No agent call on a connection's
+# path; every thread, and every worker after a reload, decides alike; with the agent down, the
+# last decisions stand (fail static). Consul stays the oracle: a caller that no intention names
+# gets what the agent's authorize endpoint answers for such a caller (wildcards, ACL default
+# policy, and whatever default a newer Consul adds), never a rule of ours.
+#
+# An L7 intention (HTTP permissions, Consul 1.9+) makes its callers' decision "l7-N", and
+# haproxy.cfg tests each request against intention N's permissions: the first that matches
+# decides, and a request that matches none gets Consul's default, as a caller no intention
+# names would. That default is the agent's answer only while no "*" intention hides it; with
+# one, it is unknown, and such requests are denied. On a tcp service an L7 intention denies,
+# as it does for Envoy.
+
+UNNAMED_CALLER = "*"      # intentions.map's line for every caller no other line names
+_REASON_UNSAFE = re.compile(r"[^A-Za-z0-9 ._:/*=>(),-]")
+_QUOTABLE = re.compile(r"[\x20-\x26\x28-\x7e]{0,512}")      # printable ASCII but "'"
+_HEADER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_METHOD = re.compile(r"[A-Z]{1,16}")
+_PATH_MATCHES = (("PathExact", "exact"), ("PathPrefix", "prefix"), ("PathRegex", "regex"))
+_HEADER_MATCHES = (("Exact", "exact"), ("Prefix", "prefix"), ("Suffix", "suffix"), ("Regex", "regex"))
+
+
+@dataclass(frozen=True)
+class Match:
+    """One condition of an HTTP permission, finished for haproxy.cfg to print."""
+    subject: str                 # path, method or header
+    how: str                     # exact, prefix, suffix, regex, present; any (of the methods)
+    values: tuple[str, ...]      # printable ASCII without "'"; a regex is anchored, as Envoy's
+    header: str = ""
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class Permission:
+    label: str                   # what the log says decided: allow:permission-1, deny:default
+    matches: tuple[Match, ...]   # all must hold; none: every request
+
+
+@dataclass(frozen=True)
+class L7Rules:
+    tag: str                     # its callers' decision in intentions.map: l7-1, l7-2, ...
+    permissions: tuple[Permission, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    caller: str       # namespace/service, or UNNAMED_CALLER
+    verdict: str      # allow, deny, or an L7Rules tag
+    reason: str       # logged with the connection: safe characters only, no "|"
+
+
+@dataclass(frozen=True)
+class Intentions:
+    decisions: tuple[Decision, ...]     # named callers by name, then UNNAMED_CALLER
+    l7: tuple[L7Rules, ...] = ()
+    unmatched: str = "deny"             # for a request none of an L7 intention's permissions match
+
+
+@dataclass(frozen=True)
+class Intention:
+    """One entry of the agent's match list, checked."""
+    caller: str                          # namespace/name, or UNNAMED_CALLER for a "*" source
+    action: str | None                   # allow or deny; None for an L7 intention
+    permissions: tuple[tuple[str, tuple[Match, ...]], ...]   # (allow|deny, matches)
+    text: str                            # source => destination (precedence N)
+
+
+def _safe_reason(text: str) -> str:
+    return _REASON_UNSAFE.sub("?", text)[:200]
+
+
+def _intention_name(entry: dict, side: str, field: str) -> str:
+    value = entry.get(f"{side}Name")
+    return value if value == "*" else check_name(value, f"{field}.{side}Name")
+
+
+def _quotable(value, field: str) -> str:
+    if not isinstance(value, str) or not _QUOTABLE.fullmatch(value):
+        raise MeshgenError(f"{field}: {value!r} is not printable ASCII without \"'\" (at most 512 characters)")
+    return value
+
+
+def _pattern(how: str, value, field: str) -> str:
+    value = _quotable(value, field)
+    if how != "regex":
+        return value
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise MeshgenError(f"{field}: {value!r} is not a regular expression ({err})") from None
+    return f"^(?:{value})$"    # Consul's (Envoy's) regexes match the whole value
+
+
+def parse_permission(raw, field: str) -> tuple[str, tuple[Match, ...]]:
+    if not isinstance(raw, dict) or raw.get("Action") not in ("allow", "deny"):
+        raise MeshgenError(f"{field}.Action: must be allow or deny")
+    http = raw.get("HTTP") or {}
+    if not isinstance(http, dict):
+        raise MeshgenError(f"{field}.HTTP: not an object")
+    matches = [Match("path", how, (_pattern(how, http[key], f"{field}.HTTP.{key}"),))
+               for key, how in _PATH_MATCHES if http.get(key)]
+    methods = _list(http.get("Methods"), f"{field}.HTTP.Methods")
+    for i, method in enumerate(methods):
+        if not isinstance(method, str) or not _METHOD.fullmatch(method):
+            raise MeshgenError(f"{field}.HTTP.Methods[{i}]: {method!r} is not an HTTP method")
+    if methods:
+        matches.append(Match("method", "any", tuple(methods)))
+    matches += [_header_match(header, f"{field}.HTTP.Header[{i}]")
+                for i, header in enumerate(_list(http.get("Header"), f"{field}.HTTP.Header"))]
+    return raw["Action"], tuple(matches)
+
+
+def _header_match(header, field: str) -> Match:
+    if not isinstance(header, dict):
+        raise MeshgenError(f"{field}: not an object")
+    name = header.get("Name")
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        raise MeshgenError(f"{field}.Name: {name!r} is not a header name meshgen can match")
+    kinds = [(key, how) for key, how in _HEADER_MATCHES if header.get(key) not in (None, "")]
+    if header.get("Present") is True:
+        kinds.append(("Present", "present"))
+    if len(kinds) != 1:
+        raise MeshgenError(f"{field}: needs exactly one of Present, Exact, Prefix, Suffix, Regex")
+    key, how = kinds[0]
+    values = () if how == "present" else (_pattern(how, header[key], f"{field}.{key}"),)
+    return Match("header", how, values, header=name, invert=header.get("Invert") is True)
+
+
+def parse_intention(entry, field: str) -> Intention:
+    if not isinstance(entry, dict):
+        raise MeshgenError(f"{field}: not an object")
+    source, destination = _intention_name(entry, "Source", field), _intention_name(entry, "Destination", field)
+    namespace = entry.get("SourceNS") or "default"
+    namespace = namespace if namespace == "*" else check_name(namespace, f"{field}.SourceNS")
+    permissions = tuple(parse_permission(raw, f"{field}.Permissions[{i}]")
+                        for i, raw in enumerate(_list(entry.get("Permissions"), f"{field}.Permissions")))
+    action = None if permissions else entry.get("Action")
+    if not permissions and action not in ("allow", "deny"):
+        raise MeshgenError(f"{field}.Action: {action!r} is neither allow nor deny")
+    precedence = entry.get("Precedence")
+    text = (f"{namespace}/{source} => {entry.get('DestinationNS') or 'default'}/{destination} "
+            f"(precedence {precedence if isinstance(precedence, int) else '?'})")
+    return Intention(UNNAMED_CALLER if source == "*" else f"{namespace}/{source}", action, permissions, text)
+
+
+def deciding_intentions(intentions: list[Intention]) -> tuple[dict, Intention | None]:
+    """From Consul's order (highest precedence first), the intention that decides each named
+    caller: the first whose source is the caller or "*". A caller that a "*" intention reaches
+    first is decided as any unnamed caller, by the first "*" intention (returned too)."""
+    named, wildcard = {}, None
+    for intention in intentions:
+        if intention.caller == UNNAMED_CALLER:
+            wildcard = wildcard or intention
+        elif wildcard is None:
+            named.setdefault(intention.caller, intention)
+    return named, wildcard
+
+
+def unnamed_caller_uri(leaf_spiffe_id: str, intentions: list[Intention]) -> str:
+    """A SPIFFE ID of this mesh for a service that no intention names: the agent's answer for
+    it is its answer for every such caller."""
+    names = {intention.caller.split("/", 1)[-1] for intention in intentions}
+    name = "meshgen-unnamed-caller"
+    while name in names:
+        name += "-x"
+    return f"{leaf_spiffe_id.rsplit('/', 1)[0]}/{name}"
+
+
+def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_reason: str) -> Intentions:
+    """What intentions.map and haproxy.cfg's L7 rules hold: each named caller's decision, the
+    agent's for everyone else, and the rules of each L7 intention that decides someone."""
+    named, wildcard = deciding_intentions(intentions)
+    agent_verdict = "allow" if agent_allows else "deny"
+    rules: dict[Intention, L7Rules] = {}
+
+    def decision(caller: str, intention: Intention) -> Decision:
+        if intention.action is not None:
+            return Decision(caller, intention.action, _safe_reason(f"intention: {intention.text}: {intention.action}"))
+        if not http:
+            return Decision(caller, "deny", _safe_reason(f"L7 intention on a tcp service: {intention.text}: deny"))
+        found = rules.setdefault(intention, L7Rules(f"l7-{len(rules) + 1}", tuple(
+            Permission(f"{action}:permission-{i}", matches)
+            for i, (action, matches) in enumerate(intention.permissions, 1))))
+        return Decision(caller, found.tag, _safe_reason(f"L7 intention: {intention.text}"))
+    decisions = [decision(caller, named[caller]) for caller in sorted(named)]
+    if wildcard is not None and wildcard.action is None:
+        decisions.append(decision(UNNAMED_CALLER, wildcard))
+    else:
+        decisions.append(Decision(UNNAMED_CALLER, agent_verdict, _safe_reason(
+            f"no intention names the caller, the agent says: {agent_reason or agent_verdict}")))
+    return Intentions(tuple(decisions), tuple(rules.values()),
+                      unmatched=agent_verdict if wildcard is None else "deny")
+
+
 # =========================================================================== render
 
 HERE = Path(__file__).resolve().parent
 
 
-TEMPLATES = ("haproxy.cfg", "public.crt-list")     # each rendered from templates/NAME.j2
+TEMPLATES = ("haproxy.cfg", "public.crt-list", "intentions.map", "callers.map")   # from templates/NAME.j2
 
 
 def resource(relative: str) -> Path:
@@ -1042,34 +1300,6 @@ def resource(relative: str) -> Path:
             return base / relative
     raise MeshgenError(f"installation is broken: {relative} not found beside {HERE} "
                        f"or under {Path(sys.prefix) / 'share' / 'meshgen'}")
-
-
-@dataclass(frozen=True)
-class AgentAccess:
-    """How authorize.lua reaches the agent: the address meshgen used, without the token."""
-    url: str
-    dst: str | None
-    ca_file: str | None
-    verify: bool
-
-    @property
-    def tls(self) -> bool:
-        return self.url.startswith("https:")
-
-    @classmethod
-    def from_settings(cls, settings: ConsulSettings) -> "AgentAccess":
-        parts = urlsplit(settings.base_url)
-        if settings.unix_socket:
-            dst = "unix@" + check_path(settings.unix_socket, "--http-addr")
-        else:
-            host = check_host(parts.hostname, "--http-addr")
-            dst = join_host_port(host, parts.port or (443 if parts.scheme == "https" else 80))
-        prefix = parts.path.rstrip("/")
-        if prefix and not _URL_PATH.fullmatch(prefix):
-            raise MeshgenError(f"--http-addr: path prefix {prefix!r} has characters HAProxy cannot take")
-        return cls(url=f"{parts.scheme}://{parts.hostname or 'localhost'}{prefix}", dst=dst,
-                   ca_file=check_path(settings.ca_file, "--ca-file") if settings.ca_file else None,
-                   verify=settings.verify)
 
 
 @dataclass(frozen=True)
@@ -1091,28 +1321,26 @@ def bundle_name(*material) -> str:
     return BUNDLE_PREFIX + digest.hexdigest()[:16]
 
 
-def render(sidecar: Sidecar, certs: Certificates, agent: AgentAccess, token: str | None,
-           out_dir: Path, admin_socket: Path) -> Bundle:
+def render(sidecar: Sidecar, certs: Certificates, intentions: "Intentions", out_dir: Path,
+           admin_socket: Path) -> Bundle:
     # Only what reaches the files: a new active root ID with the same certificates is no reload.
-    name = bundle_name(sidecar, certs.roots_pem, certs.leaf_pem, certs.trust_domain, agent, token,
+    name = bundle_name(sidecar, certs.roots_pem, certs.leaf_pem, certs.trust_domain, intentions,
                        str(out_dir.resolve()), str(admin_socket))
-    return render_into(out_dir.resolve() / name, sidecar, certs, agent, token, admin_socket)
+    return render_into(out_dir.resolve() / name, sidecar, certs, intentions, admin_socket)
 
 
-def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, agent: AgentAccess,
-                token: str | None, admin_socket: Path) -> Bundle:
+def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, intentions: "Intentions",
+                admin_socket: Path) -> Bundle:
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resource("templates/haproxy.cfg.j2").parent)),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
         lstrip_blocks=True, autoescape=False)
-    values = dict(sidecar=sidecar, agent=agent, trust_domain=certs.trust_domain,
-                  with_token=token is not None, bundle=str(bundle_dir), admin_socket=str(admin_socket),
-                  token_file=TOKEN_FILE)
+    values = dict(sidecar=sidecar, trust_domain=certs.trust_domain, intentions=intentions,
+                  bundle=str(bundle_dir), admin_socket=str(admin_socket), intentions_map=INTENTIONS_MAP,
+                  callers_map=CALLERS_MAP)
     files = {name: environment.get_template(f"{name}.j2").render(**values).encode() for name in TEMPLATES}
     files |= {"roots.pem": certs.roots_pem.encode(), "leaf.pem": certs.leaf_pem.encode(),
               "authorize.lua": resource("authorize.lua").read_bytes()}
-    if token is not None:
-        files[TOKEN_FILE] = token.encode() + b"\n"
     return Bundle(bundle_dir.name, files)
 
 
@@ -1249,7 +1477,7 @@ def stage_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None) -> list[str
 
 def publish_bundle(out_dir: Path, bundle: Bundle, loaded: str) -> None:
     """Steps 3 and 4: the staged `bundle` becomes the live one. `loaded`, the bundle HAProxy
-    runs on, is kept: its Lua script reads the token file from it."""
+    runs on, is kept: HAProxy names its files, and the runtime API changes them, by paths in it."""
     try:
         # 3. One rename of the `live` link: the swap.
         previous = swap_live(out_dir, bundle)
@@ -1289,7 +1517,8 @@ def bundle_diff(old: dict, new: dict) -> list[str]:
 # =========================================================================== apply live
 #
 # With --runtime-socket, a change the running HAProxy can take through its runtime API goes in
-# live instead of by a reload: new CA roots, a new leaf, an upstream's instances. HAProxy names
+# live instead of by a reload: new CA roots, a new leaf, an upstream's instances, intentions
+# that change intentions.map alone (L7 permissions are haproxy.cfg's, a reload). HAProxy names
 # files by the paths it loaded them from, in the bundle it was last (re)loaded on. Its answer
 # `Success!` proves nothing (shared/haproxy-notes.md), so a change counts as applied only once
 # its effect is seen:
@@ -1299,6 +1528,8 @@ def bundle_diff(old: dict, new: dict) -> list[str]:
 #   leaf     a handshake with the public listener gets the new serial.
 #   both     a client without a certificate is still refused.
 #   servers  `show servers state` lists exactly the servers haproxy.cfg now renders.
+#   intentions  `show map` lists exactly the new lines; then no connection of a caller now
+#            denied is left (`show table` of the tracked connections, `show sess`).
 # Only while HAProxy runs the bundle meshgen last had it load (after an exit 3 it was not
 # reloaded for, the live bundle describes something else). Any other change, or an effect not
 # seen, is exit 3: the wrapper reloads HAProxy on the files already on disk. Seen so: 2.6.12
@@ -1345,9 +1576,11 @@ class LiveChange:
     roots_pem: bytes | None
     leaf_pem: bytes | None
     servers: tuple[tuple[Servers, Servers], ...]     # (running, rendered), backends that changed
+    intentions: tuple[tuple[str, str], ...] | None = None   # intentions.map's (caller, value) lines
 
     def describe(self) -> str:
         parts = (["CA roots"] if self.roots_pem else []) + (["leaf certificate"] if self.leaf_pem else [])
+        parts += ["intentions"] if self.intentions is not None else []
         parts += [f"servers of {new.backend}" for _, new in self.servers]
         return ", ".join(parts) or "nothing HAProxy runs on"
 
@@ -1394,7 +1627,8 @@ def plan_live_change(live_files: dict, live_dir: Path, bundle: Bundle, bundle_di
     def loaded_paths(files: dict, directory: Path) -> dict:
         return {name: data.replace(str(directory).encode(), str(loaded_dir).encode()) for name, data in files.items()}
     live, here = loaded_paths(live_files, live_dir), loaded_paths(bundle.files, bundle_dir)
-    if any(here[name] != live[name] for name in here if name not in ("haproxy.cfg", "roots.pem", "leaf.pem")):
+    if any(here[name] != live[name] for name in here
+           if name not in ("haproxy.cfg", "roots.pem", "leaf.pem", INTENTIONS_MAP)):
         return None
     running_config, running = split_servers(live["haproxy.cfg"].decode(), backends)
     new_config, rendered = split_servers(here["haproxy.cfg"].decode(), backends)
@@ -1405,7 +1639,15 @@ def plan_live_change(live_files: dict, live_dir: Path, bundle: Bundle, bundle_di
         return None     # `show servers state` cannot show such a server's path: no proof, so reload
     return LiveChange(roots_pem=here["roots.pem"] if here["roots.pem"] != live["roots.pem"] else None,
                       leaf_pem=here["leaf.pem"] if here["leaf.pem"] != live["leaf.pem"] else None,
-                      servers=changed)
+                      servers=changed,
+                      intentions=map_entries(here[INTENTIONS_MAP]) if here[INTENTIONS_MAP] != live[INTENTIONS_MAP]
+                      else None)
+
+
+def map_entries(data: bytes) -> tuple[tuple[str, str], ...]:
+    """(key, value) of each line of a map file, as HAProxy reads it."""
+    return tuple(tuple(line.split(" ", 1)) for line in data.decode().splitlines()
+                 if line and not line.startswith("#"))
 
 
 class ProbeCA:
@@ -1477,6 +1719,17 @@ def served_serial(address: tuple[str, int], timeout: float = 3.0) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class Connection:
+    """One the public listener let in, as its stick table tracks it."""
+    caller: str
+    address: tuple[str, str]     # the client's (address, port)
+    since_ms: int                # when it came in: wall-clock milliseconds, modulo 2^32
+
+    def age_ms(self, now: float) -> int:
+        return (int(now * 1000) - self.since_ms) % 2**32
+
+
 class RuntimeAPI:
     """HAProxy's admin socket, one command per connection."""
 
@@ -1508,6 +1761,49 @@ class RuntimeAPI:
             return True
         self(f"abort ssl {kind} {path}")
         return False
+
+    def replace_map(self, path: Path, entries: tuple[tuple[str, str], ...]) -> bool:
+        """Every entry of a map at once (a new version, filled, then committed: no lookup sees
+        it half-filled), then whether `show map` lists exactly these entries."""
+        version = re.search(r"New version created: (\d+)", self(f"prepare map {path}"))
+        if version is None:
+            return False
+        payload = "".join(f"{key} {value}\n" for key, value in entries)
+        self(f"add map @{version[1]} {path} <<\n{payload}")
+        self(f"commit map @{version[1]} {path}")
+        shown = set()
+        for line in self(f"show map {path}").splitlines():
+            _, key, value = (line.split(" ", 2) + ["", ""])[:3]
+            shown.add((key, value))
+        return shown == set(entries)
+
+    def open_connections(self) -> list["Connection"]:
+        """Each connection the public listener has open, from the stick table haproxy.cfg
+        tracks them in."""
+        found = []
+        for line in self(f"show table {CONNECTIONS_TABLE}").splitlines():
+            key, open_, since = (re.search(pattern, line) for pattern in (
+                r" key=(\S+)\|(\S+)\|(\d+) ", r" conn_cur=(\d+)", r" gpt0=(\d+)"))
+            if key and open_ and int(open_[1]) > 0:
+                found.append(Connection(key[1], (key[2], key[3]), int(since[1]) if since else 0))
+        return found
+
+    def sessions(self, frontend: str) -> list[tuple[str, tuple[str, str]]]:
+        """(session ID, (address, port)) of each of the frontend's sessions, from `show sess`.
+        Its `age=` is not used: 2.8.25 prints ages of decades, 2.6.12 rounds them up."""
+        found = []
+        for match in re.finditer(r"^(0x[0-9a-f]+): proto=\S+ src=(\S+) fe=(\S+) ", self("show sess"), re.M):
+            host, _, port = match[2].rpartition(":")
+            if match[3] == frontend:
+                found.append((match[1], (host.strip("[]"), port)))
+        return found
+
+    def shut_down(self, frontend: str, addresses: set) -> list[str]:
+        """Shut down the frontend's sessions from these client addresses; those still listed."""
+        for session, address in self.sessions(frontend):
+            if address in addresses:
+                self(f"shutdown session {session}")
+        return [session for session, address in self.sessions(frontend) if address in addresses]
 
     def server_states(self, backend: str) -> set | None:
         """(name, address, port, weight) of each server that takes traffic, and (name, 'not
@@ -1559,6 +1855,11 @@ def apply_live(runtime: RuntimeAPI, out_dir: Path, loaded: str, change: LiveChan
             if (seen := served_serial(listener)) != serial:
                 return (f"the public listener serves the certificate with serial {seen:x}, not the new "
                         f"one ({serial:x})" if seen is not None else "the public listener did not answer")
+        if change.intentions is not None:
+            if not runtime.replace_map(loaded_dir / INTENTIONS_MAP, change.intentions):
+                return "HAProxy does not hold the new intentions"
+            if (why := close_denied(runtime, dict(change.intentions))) is not None:
+                return why
         version = runtime.version() if change.servers else ()
         for running, rendered in change.servers:
             if (why := change_servers(runtime, running, rendered.options_for(version), rendered)) is not None:
@@ -1566,6 +1867,34 @@ def apply_live(runtime: RuntimeAPI, out_dir: Path, loaded: str, change: LiveChan
     except OSError as err:
         return f"the runtime API at {runtime.socket_path} failed: {err.strerror or err}"
     return None
+
+
+def close_denied(runtime: RuntimeAPI, decisions: dict) -> str | None:
+    """Shut down the open connections of callers the new intentions deny; None once HAProxy
+    lists none of them. Twice: a connection decided just before the map's commit may be
+    tracked just after the first look."""
+    def denied(caller: str) -> bool:     # L7 callers are decided on each request instead
+        return decisions.get(caller, decisions.get(UNNAMED_CALLER, "deny|")).startswith("deny|")
+    addresses: set = set()
+    for _ in range(2):
+        tracked = runtime.open_connections()
+        allowed = {c.address for c in tracked if not denied(c.caller)}
+        # An address also held by a let-in caller is a reused port, not the denied connection.
+        addresses |= {c.address for c in tracked if denied(c.caller)} - allowed
+        left = runtime.shut_down(PUBLIC_LISTENER, addresses)
+    return f"HAProxy kept {len(left)} connections of callers now denied" if left else None
+
+
+def end_old_connections(runtime: RuntimeAPI, lifetime_ms: int) -> None:
+    """Consul's guide asks proxies to bound how long a connection outlives its authorization:
+    shut down the public listener's connections older than `lifetime_ms`, by when haproxy.cfg
+    recorded that each came in (`show sess` has no age to trust)."""
+    try:
+        now = time.time()
+        runtime.shut_down(PUBLIC_LISTENER, {c.address for c in runtime.open_connections()
+                                            if c.age_ms(now) >= lifetime_ms})
+    except OSError:
+        pass    # HAProxy is reloading, or not running: the next sweep tries again
 
 
 def change_servers(runtime: RuntimeAPI, running: Servers, options: str, rendered: Servers) -> str | None:
@@ -1699,15 +2028,41 @@ def _connect(ctx_params: dict) -> tuple[ConsulSettings, ConsulClient, str]:
     return settings, client, proxy_id or find_sidecar_id(client, sidecar_for)
 
 
-def _fetch_model(client: ConsulClient, proxy_id: str) -> tuple[Sidecar, Certificates, WatchState]:
-    """Fetch and model: the registration first, since it names what else to fetch. Also what
-    this run saw, for the next one's --wait."""
+@dataclass(frozen=True)
+class Model:
+    """What one run renders from, and what it saw, for the next one's --wait."""
+    sidecar: Sidecar
+    certs: Certificates
+    intentions: Intentions
+    seen: WatchState
+    notes: tuple[str, ...] = ()     # what the user should know, though nothing failed
+
+
+def _fetch_model(client: ConsulClient, proxy_id: str, previous: WatchState | None) -> Model:
+    """Fetch and model: the registration first, since it names what else to fetch; the agent's
+    decision for unnamed callers last, since it must name a caller no intention names. With the
+    agent's servers out of reach, the intentions `previous` saw stay in force (fail static)."""
     registration = fetch_registration(client, proxy_id)
     sidecar = parse_registration(registration, proxy_id)
     data = fetch_agent_data(client, sidecar.service, sidecar.upstreams)
     certs = check_certificates(data.roots.data, data.leaf.data, sidecar.service, dt.datetime.now(dt.timezone.utc))
     sidecar = with_instances(sidecar, {key: reply.data for key, reply in data.instances.items()})
-    return sidecar, certs, WatchState.of_run(proxy_id, registration, sidecar, data, loaded_bundle="")
+    notes = ()
+    try:
+        if isinstance(data.intentions, AgentUnavailable):
+            raise data.intentions
+        entries = data.intentions.data
+        listed = [parse_intention(entry, f"intentions of {sidecar.service}[{i}]") for i, entry in enumerate(entries)]
+        unnamed = list(fetch_default_decision(client, sidecar.service, unnamed_caller_uri(certs.spiffe_id, listed)))
+        index = data.intentions.index or 0
+    except AgentUnavailable as err:
+        if previous is None or previous.service != sidecar.service:
+            raise MeshgenError(f"{err}; no earlier run saw the intentions of {sidecar.service!r}") from None
+        entries, unnamed, index = previous.intentions_seen, previous.unnamed_caller, previous.intentions_index
+        listed = [parse_intention(entry, f"intentions of {sidecar.service}[{i}]") for i, entry in enumerate(entries)]
+        notes = (f"intentions: {_one_line(str(err))}: the last ones seen stay in force",)
+    seen = WatchState.of_run(proxy_id, registration, sidecar, data, (index, entries, unnamed), loaded_bundle="")
+    return Model(sidecar, certs, decide(listed, sidecar.http, *unnamed), seen, notes)
 
 
 class MeshgenGroup(click.Group):
@@ -1759,7 +2114,8 @@ class RenderResult:
     `written`: it is live now. `applied_live`: the running HAProxy took the change through its
     runtime API, and its effect was seen, so no reload is due. `live_change`: what could go in
     live (empty when it needs a reload); `not_live_because`: why it did not. `waited_out`:
-    --wait passed with nothing changed."""
+    --wait passed with nothing changed. `notes`: what the user should know, though nothing
+    failed."""
     proxy_id: str
     changed: bool = False
     written: bool = False
@@ -1769,6 +2125,7 @@ class RenderResult:
     waited_out: bool = False
     diff: str = ""
     warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def reload_needed(self) -> bool:
@@ -1786,18 +2143,23 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
     # 1. What the last run saw: the markers --wait blocks on, the bundle HAProxy has loaded.
     stored = read_state(out_dir)
     previous = stored if stored is not None and stored.proxy_id == proxy_id else None
-    # 2. With --wait, once there is a last run: block on Consul until something it saw changes.
+    # 2. With --wait, once there is a last run: block on Consul until something it saw changes;
+    #    meanwhile, with the runtime socket, end connections past their lifetime.
     if request.wait_seconds is not None and previous is not None and not request.dry_run:
         watcher = ConsulClient(dataclasses.replace(settings, timeout=settings.timeout + request.wait_seconds * 17 / 16),
                                pool_size=request.max_blocking)
+        sweep = None
+        if request.runtime_socket is not None and previous.connection_lifetime_ms:
+            runtime = RuntimeAPI(request.runtime_socket)
+            sweep = functools.partial(end_old_connections, runtime, previous.connection_lifetime_ms)
         if not wait_for_change(watcher, previous, request.wait_seconds, request.poll_seconds,
-                               request.max_blocking):
+                               request.max_blocking, sweep):
             return RenderResult(proxy_id, waited_out=True)
     # 3. Fetch and model: every value checked, certificates verified.
-    sidecar, certs, seen = _fetch_model(client, proxy_id)
+    model = _fetch_model(client, proxy_id, previous)
+    sidecar, certs, intentions, seen = model.sidecar, model.certs, model.intentions, model.seen
     # 4. Render in memory, and compare with the live bundle before writing anything.
-    access = AgentAccess.from_settings(settings)
-    bundle = render(sidecar, certs, access, settings.token, out_dir, request.admin_socket)
+    bundle = render(sidecar, certs, intentions, out_dir, request.admin_socket)
     live, live_files = live_bundle(out_dir)
     changed = (live, live_files) != (bundle.name, bundle.files)
     # 5. A dry run stops here, with the diff; a changed bundle is still checked, as a twin
@@ -1806,9 +2168,10 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
         warnings = []
         if changed and request.haproxy:
             with tempfile.TemporaryDirectory(prefix="meshgen-dry-run-") as scratch:
-                twin = render(sidecar, certs, access, settings.token, Path(scratch), request.admin_socket)
+                twin = render(sidecar, certs, intentions, Path(scratch), request.admin_socket)
                 warnings = validate(write_files(twin, Path(scratch)), request.haproxy)
         return RenderResult(proxy_id, changed=changed, diff="".join(bundle_diff(live_files, bundle.files)),
+                            notes=model.notes,
                             warnings=tuple(warnings))
     # 6. Write and check the new bundle (stage_bundle's own steps), not yet live.
     loaded = (previous.loaded_bundle if previous else "") or live or bundle.name
@@ -1840,7 +2203,11 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
     state = dataclasses.replace(seen, loaded_bundle=loaded)
     if state != stored:
         write_state(out_dir, state)
-    return RenderResult(proxy_id, changed=changed, written=changed, applied_live=applied,
+    # 10. With --runtime-socket: connections past max_connection_lifetime_ms end (a waiting run
+    #     also ends them while it waits).
+    if request.runtime_socket is not None and sidecar.max_connection_lifetime_ms:
+        end_old_connections(RuntimeAPI(request.runtime_socket), sidecar.max_connection_lifetime_ms)
+    return RenderResult(proxy_id, changed=changed, written=changed, applied_live=applied, notes=model.notes,
                         live_change=plan.describe() if plan else "", not_live_because=why_not or "",
                         warnings=tuple(warnings))
 
@@ -1887,6 +2254,8 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
 
     for warning in result.warnings:
         say(f"haproxy -c warns: {warning}")
+    for note in result.notes:
+        say(note)
     if result.waited_out:
         say(f"unchanged after waiting {wait_for}")
     elif dry_run:
@@ -1907,7 +2276,8 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
 def show(as_json: bool, **consul):
     """Print what the agent says of a sidecar: listeners, upstreams, instances, certificates."""
     _, client, proxy_id = _connect(consul)
-    sidecar, certs, _ = _fetch_model(client, proxy_id)
+    model = _fetch_model(client, proxy_id, None)
+    sidecar, certs, intentions = model.sidecar, model.certs, model.intentions
     summary = {
         "proxy_id": sidecar.proxy_id, "service": sidecar.service, "protocol": sidecar.protocol,
         "public_listener": sidecar.public_bind, "local_app": sidecar.local_app,
@@ -1917,6 +2287,8 @@ def show(as_json: bool, **consul):
         "leaf": {"spiffe_id": certs.spiffe_id, "serial": certs.serial,
                  "not_after": certs.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")},
         "roots": [{"id": r, "active": r == certs.active_root_id} for r in certs.root_ids],
+        "intentions": [{"caller": d.caller, "decision": d.verdict, "reason": d.reason}
+                       for d in intentions.decisions],
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -1931,6 +2303,8 @@ def show(as_json: bool, **consul):
                    f"{len(u.instances)} healthy instance(s)")
         for i in u.instances:
             click.echo(f"  instance  {i.address}  weight {i.weight}")
+    for d in intentions.decisions:
+        click.echo(f"intention   {d.caller}  {d.verdict}  {d.reason}")
 
 
 @cli.command("status", epilog=STATUS_EXIT_CODES_HELP)
@@ -1970,8 +2344,9 @@ def check(ctx, definition: Path, haproxy: str):
     sidecar = parse_registration(registration, proxy_id)
     certs = throwaway_certificates(sidecar.service)
     with tempfile.TemporaryDirectory(prefix="meshgen-check-") as scratch:
-        bundle = render(sidecar, certs, AgentAccess("http://127.0.0.1", "127.0.0.1:8500", None, True),
-                        None, Path(scratch), Path(scratch) / "admin.sock")
+        # Intentions come from Consul at render time; any decision checks the same config.
+        bundle = render(sidecar, certs, decide([], sidecar.http, False, "meshgen check"), Path(scratch),
+                        Path(scratch) / "admin.sock")
         warnings = validate(write_files(bundle, Path(scratch)), haproxy_path)
     for warning in warnings:
         click.echo(f"meshgen: {definition}: haproxy -c warns: {warning}", err=True)

@@ -1,22 +1,25 @@
 #!/usr/bin/env python3
-"""authorize.lua: what authorization costs new mutual-TLS connections. Prints figures.
+"""Intentions enforced in HAProxy: what they cost new mutual-TLS connections, how fast a
+change in Consul takes effect, and what a stopped agent changes. Prints figures.
 
-New connections per second through the public listener, side by side in one run (the modes
-take turns, several rounds): (a) no authorization (the two tcp-request lines removed),
-(b) an agent call on every connection (cache off), (c) with the decision cache. Each connection
-is a full TLS handshake with a client certificate, one line echoed by the app, then closed.
-Beside the rate: HAProxy's own CPU time per connection, which is what bounds a sidecar's
-capacity; the rate also carries the load clients and the Python agent double sharing 2 cores.
+1. New connections per second through the public listener, side by side in one run (the modes
+   take turns, several rounds): (a) no authorization (the public listener's tcp-request lines
+   removed), (b) callers an intention names, (c) callers never seen before, that no intention
+   names (decided by the map's "*" line). Each connection is a full TLS handshake with a client
+   certificate, one line echoed by the app, then closed; clients cycle through 50 identities.
+   Beside the rate: HAProxy's own CPU time per connection, which bounds a sidecar's capacity.
+2. With start.sh running the sidecar (`--wait`, runtime socket): an intention turned to deny in
+   the agent -> new connections of that caller refused, and its open connections closed;
+   median and p95 over --trials.
+3. The agent stopped for --outage seconds, HAProxy reloaded halfway: connections of allowed
+   callers refused (the target is none), and of a denied caller let in (none either).
 
-Then the latency of cached connections while other identities wait 1 s on the agent, against
-idle: p50 and p99.
-
-    python3 benchmarks/authorize_bench.py [--haproxy PATH|all] [--seconds 3] [--rounds 3] [--clients 3]
+    python3 benchmarks/authorize_bench.py [--haproxy PATH|all] [--seconds 3] [--rounds 3]
+        [--clients 3] [--trials 20] [--outage 60] [--parts 1,2,3]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import socket
@@ -27,25 +30,34 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import EchoServer, free_port, haproxy_builds, latencies, talk, wait_listening  # noqa: E402
+import meshgen  # noqa: E402
+from consul_double import ConsulDouble  # noqa: E402
+from harness import (EchoServer, HAProxy, Identity, free_port, haproxy_builds, register_sidecar,  # noqa: E402
+                     talk, wait_listening)
+from watch_bench import StartSh, p95, until  # noqa: E402
 
-MODES = {"a": "no authorization", "b": "authorize, cache off", "c": "authorize, cached"}
+MODES = {"a": "no authorization", "b": "callers an intention names", "c": "callers never seen before"}
+CALLERS = 50
 
 
-def client_loop(port: int, cert: str, key: str, roots: str, deadline: float, counter) -> None:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.load_verify_locations(roots)
-    context.load_cert_chain(cert, key)
+def client_loop(port: int, identities: list, deadline: float, counter) -> None:
+    contexts = []
+    for cert, key, roots in identities:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.load_verify_locations(roots)
+        context.load_cert_chain(cert, key)
+        contexts.append(context)
     done = 0
     while time.time() < deadline:
+        context = contexts[done % len(contexts)]
         with socket.create_connection(("127.0.0.1", port)) as raw, context.wrap_socket(raw) as conn:
             conn.sendall(b"ping\n")
             if conn.recv(16) == b"ping\n":
@@ -59,15 +71,15 @@ def haproxy_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(haproxy: str, config: Path, port: int, identity: dict, seconds: float, clients: int):
+def measure(haproxy: str, config: Path, port: int, identities: list, seconds: float, clients: int):
     process = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, process)
         counter = multiprocessing.Value("i", 0)
 
-        def run_clients(until: float) -> None:
-            workers = [multiprocessing.Process(target=client_loop, args=(port, *identity.values(), until, counter))
+        def run_clients(until_time: float) -> None:
+            workers = [multiprocessing.Process(target=client_loop, args=(port, identities, until_time, counter))
                        for _ in range(clients)]
             for worker in workers:
                 worker.start()
@@ -85,90 +97,147 @@ def measure(haproxy: str, config: Path, port: int, identity: dict, seconds: floa
         process.wait()
 
 
-def start_agent(scratch: Path, app_port: int, public_port: int) -> tuple[subprocess.Popen, str]:
-    services = scratch / "services.json"
-    services.write_text(json.dumps({"service": {
-        "name": "web", "port": app_port, "address": "127.0.0.1",
-        "connect": {"sidecar_service": {"port": public_port, "proxy": {"config": {
-            "authorize_cache_ttl_ms": 0, "authorize_timeout_ms": 5000}}}}}}))
-    port = free_port()
-    agent = subprocess.Popen([sys.executable, str(ROOT / "tests" / "consul_double.py"), "--port", str(port),
-                              str(services)], stdout=subprocess.DEVNULL)
-    wait_listening(port, agent)
-    return agent, f"127.0.0.1:{port}"
+def identities(double, scratch: Path, prefix: str) -> list:
+    made = [Identity.from_double(double, scratch / "ids", f"{prefix}{i}") for i in range(CALLERS)]
+    return [(str(i.cert), str(i.key), str(i.roots)) for i in made]
 
 
-def fetch_identity(agent: str, service: str, scratch: Path) -> dict:
-    leaf = json.loads(urllib.request.urlopen(f"http://{agent}/v1/agent/connect/ca/leaf/{service}").read())
-    roots = json.loads(urllib.request.urlopen(f"http://{agent}/v1/agent/connect/ca/roots").read())
-    files = {"cert": leaf["CertPEM"], "key": leaf["PrivateKeyPEM"],
-             "roots": "".join(r["RootCert"] for r in roots["Roots"])}
-    for name, text in files.items():
-        (scratch / f"{service}.{name}").write_text(text)
-    return {name: str(scratch / f"{service}.{name}") for name in files}
+def without_authorization(config: str) -> str:
+    """haproxy.cfg with the public listener's authorization lines left out."""
+    section = config.split("\nfrontend public_listener\n")[1].split("\n\n")[0]
+    kept = "\n".join(line for line in section.split("\n")
+                     if not line.strip().startswith("tcp-request content"))
+    return config.replace(section, kept)
 
 
-def variants(bundle: Path) -> dict:
-    """(a), (b) and (c) from the one rendered config: same files, same listeners."""
-    config = (bundle / "haproxy.cfg").read_text()
-    authorization = [line for line in config.splitlines(keepends=True)
-                     if line.strip().startswith(("tcp-request content lua.meshgen_authorize",
-                                                 "tcp-request content reject unless"))]
-    assert len(authorization) == 2
-    paths = {}
-    for mode, text in {
-        "a": "".join(line for line in config.splitlines(keepends=True) if line not in authorization),
-        "b": config,
-        "c": config.replace("set-var proc.meshgen_cache_ttl_ms int(0)", "set-var proc.meshgen_cache_ttl_ms int(600000)"),
-    }.items():
-        paths[mode] = bundle.parent / f"haproxy-{mode}.cfg"
-        paths[mode].write_text(text)
-    return paths
-
-
-def p99(samples: list[float]) -> float:
-    return statistics.quantiles(samples, n=100)[98]
-
-
-def slow_agent_latency(haproxy: str, scratch: Path, seconds: float) -> tuple[list[float], list[float]]:
-    """Latency of a cached identity, idle and while 4 other identities wait 1 s on the agent.
-    The agent double runs in this process here, since only it can be slowed on demand."""
-    import meshgen
-    from consul_double import ConsulDouble
-    from harness import HAProxy, Identity, register_sidecar
-
+def throughput(haproxy: str, args, scratch: Path) -> None:
     double, echo = ConsulDouble().start(), EchoServer()
     port = free_port()
-    proxy_id = register_sidecar(double, "web", port, echo.port,
-                                {"authorize_cache_ttl_ms": 600000, "authorize_timeout_ms": 5000})
-    out = scratch / "latency"
+    proxy_id = register_sidecar(double, "web", port, echo.port)
+    for i in range(CALLERS):
+        double.set_intention(f"known{i}", "web", "allow")
+    out = scratch / "throughput"
     assert meshgen.cli.main(["render", "--proxy-id", proxy_id, "--out", str(out), "--haproxy", haproxy,
                              "--http-addr", double.url], prog_name="meshgen", standalone_mode=False) == 3
-    process = HAProxy(haproxy, out / "haproxy.cfg", scratch / "latency.log", wait_for_port=port)
+    config = (out / "haproxy.cfg").read_text()
+    configs = {"a": out / "live" / "haproxy-a.cfg", "b": out / "haproxy.cfg", "c": out / "haproxy.cfg"}
+    configs["a"].write_text(without_authorization(config))
+    callers = {"a": identities(double, scratch, "known"), "b": identities(double, scratch, "known"),
+               "c": identities(double, scratch, "unseen")}
+    results = {mode: [] for mode in MODES}
     try:
-        fast = Identity.from_double(double, scratch / "ids", "api").context()
-        assert talk(port, fast) == b"ping\n"      # cached from here on
-
-        idle = latencies(port, fast, seconds)
-        double.inject("/v1/agent/connect/authorize", delay=1.0)
-        stop = time.monotonic() + seconds
-
-        def keep_waiting(name: str):
-            # A fresh leaf each time: a new serial misses the cache, so every attempt waits 1 s.
-            while time.monotonic() < stop:
-                talk(port, Identity.from_double(double, scratch / "ids", name).context())
-        waiting = [threading.Thread(target=keep_waiting, args=(f"slow{i}",)) for i in range(4)]
-        for thread in waiting:
-            thread.start()
-        time.sleep(0.05)
-        busy = latencies(port, fast, seconds - 0.1)
-        for thread in waiting:
-            thread.join()
-        return idle, busy
+        for _ in range(args.rounds):
+            for mode in MODES:
+                results[mode].append(measure(haproxy, configs[mode], port, callers[mode], args.seconds, args.clients))
     finally:
-        process.stop()
         double.stop()
         echo.close()
+    print(f"{os.cpu_count()} cores; {args.clients} client processes; {args.rounds} rounds of "
+          f"{args.seconds:g} s per mode, modes interleaved; {CALLERS} caller identities per mode")
+    print(f"{'mode':<32} {'conn/s':>8} {'vs (a)':>7} {'HAProxy CPU ms/conn':>20} {'capacity vs (a)':>16}")
+    rate_a = statistics.median(r for r, _ in results["a"])
+    cpu_a = statistics.median(c for _, c in results["a"])
+    for mode, label in MODES.items():
+        rate = statistics.median(r for r, _ in results[mode])
+        cpu = statistics.median(c for _, c in results[mode])
+        print(f"({mode}) {label:<28} {rate:>8.0f} {rate / rate_a:>7.2f} {cpu * 1000:>20.2f} {cpu_a / cpu:>16.2f}")
+    print("target: (b)/(a) and (c)/(a) >= 0.97")
+
+
+class OpenConnections:
+    """Connections of one caller left open after a first echo; when each saw its close."""
+
+    def __init__(self, port: int, context, count: int):
+        self.closed_at: list[float] = []
+        self.sockets = []
+        for _ in range(count):
+            tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30))
+            tls.sendall(b"ping\n")
+            assert tls.recv(16) == b"ping\n"
+            self.sockets.append(tls)
+        self.threads = [threading.Thread(target=self._wait_close, args=(tls,)) for tls in self.sockets]
+        for thread in self.threads:
+            thread.start()
+
+    def _wait_close(self, tls) -> None:
+        try:
+            while tls.recv(16):
+                pass
+        except (OSError, ssl.SSLError):
+            pass
+        self.closed_at.append(time.monotonic())
+
+    def join(self, timeout: float) -> list[float]:
+        for thread in self.threads:
+            thread.join(timeout)
+        for tls in self.sockets:
+            tls.close()
+        return self.closed_at
+
+
+def revocation(haproxy: str, trials: int, scratch: Path) -> None:
+    double, echo = ConsulDouble().start(), EchoServer()
+    port = free_port()
+    register_sidecar(double, "web", port, echo.port)
+    double.set_intention("api", "web", "allow")
+    client = Identity.from_double(double, scratch / "ids", "api").context()
+    wrapper = StartSh(double, haproxy, scratch, port)
+    refused, closed, reloads = [], [], 0
+    try:
+        for _ in range(trials):
+            held = OpenConnections(port, client, 3)
+            before = wrapper.counts()[0]
+            revoked = time.monotonic()
+            double.set_intention("api", "web", "deny")
+            refused.append(until(lambda: talk(port, client, timeout=2) is None))
+            closed += [at - revoked for at in held.join(10)]
+            double.set_intention("api", "web", "allow")
+            until(lambda: talk(port, client, timeout=2) == b"ping\n")
+            time.sleep(1.2)      # start.sh's floor between renders
+            reloads += wrapper.counts()[0] - before
+    finally:
+        wrapper.stop()
+        double.stop()
+        echo.close()
+    print(f"\nan intention turned to deny -> its effect, {trials} trials (start.sh, --wait 5m):")
+    print(f"  new connections refused    median {statistics.median(refused) * 1000:5.0f} ms   "
+          f"p95 {p95(refused) * 1000:5.0f} ms")
+    print(f"  open connections closed    median {statistics.median(closed) * 1000:5.0f} ms   "
+          f"p95 {p95(closed) * 1000:5.0f} ms   ({len(closed)} connections, 3 per trial)")
+    print(f"  reloads: {reloads}; target: p95 < 1000 ms for both")
+
+
+def outage(haproxy: str, seconds: float, scratch: Path) -> None:
+    double, echo = ConsulDouble().start(), EchoServer()
+    port = free_port()
+    proxy_id = register_sidecar(double, "web", port, echo.port)
+    double.set_intention("api", "web", "allow")
+    double.set_intention("intruder", "web", "deny")
+    out = scratch / "outage"
+    assert meshgen.cli.main(["render", "--proxy-id", proxy_id, "--out", str(out), "--haproxy", haproxy,
+                             "--http-addr", double.url], prog_name="meshgen", standalone_mode=False) == 3
+    process = HAProxy(haproxy, out / "haproxy.cfg", scratch / "outage.log", wait_for_port=port,
+                      master_socket=scratch / "outage.master")
+    allowed = [Identity.from_double(double, scratch / "ids", "api").context(),
+               Identity.from_double(double, scratch / "ids", "newcomer").context()]   # the "*" line
+    intruder = Identity.from_double(double, scratch / "ids", "intruder").context()
+    counts = {"allowed in": 0, "allowed refused": 0, "denied in": 0, "denied refused": 0}
+    try:
+        double.stop()
+        start, reloaded = time.monotonic(), False
+        while time.monotonic() - start < seconds:
+            if not reloaded and time.monotonic() - start > seconds / 2:
+                process.reload()
+                reloaded = True
+            for context in allowed:
+                counts["allowed in" if talk(port, context) == b"ping\n" else "allowed refused"] += 1
+            counts["denied in" if talk(port, intruder) == b"ping\n" else "denied refused"] += 1
+    finally:
+        process.stop()
+        echo.close()
+    print(f"\nthe agent stopped for {seconds:.0f} s, HAProxy reloaded at {seconds / 2:.0f} s: "
+          f"{counts['allowed in']} connections of allowed callers let in, {counts['allowed refused']} refused; "
+          f"{counts['denied refused']} of a denied caller refused, {counts['denied in']} let in")
 
 
 def main() -> None:
@@ -178,53 +247,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--outage", type=float, default=60.0)
+    parser.add_argument("--parts", default="1,2,3", help="which of the parts above to run, e.g. `1`")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     for build in haproxy_builds(args.haproxy):
         print(f"\n=== HAProxy {build.version} (Lua {build.lua}, OpenSSL {build.openssl})")
-        bench(build.path, args)
-
-
-def bench(haproxy: str, args) -> None:
-    import meshgen
-
-    echo = EchoServer()
-    with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp)
-        public_port = free_port()
-        agent, agent_addr = start_agent(scratch, echo.port, public_port)
-        try:
-            code = meshgen.cli.main(["render", "--sidecar-for", "web", "--out", str(scratch / "out"),
-                                     "--haproxy", haproxy, "--http-addr", agent_addr],
-                                    prog_name="meshgen", standalone_mode=False)
-            assert code == 3
-            configs = variants((scratch / "out" / "live").resolve())
-            identity = fetch_identity(agent_addr, "api", scratch)
-            results = {mode: [] for mode in MODES}
-            for _ in range(args.rounds):
-                for mode in MODES:
-                    results[mode].append(measure(haproxy, configs[mode], public_port, identity,
-                                                 args.seconds, args.clients))
-        finally:
-            agent.terminate()
-            agent.wait()
-    echo.close()
-    print(f"{os.cpu_count()} cores; {args.clients} client processes; "
-          f"{args.rounds} rounds of {args.seconds:g} s per mode, modes interleaved")
-    print(f"{'mode':<28} {'conn/s':>8} {'vs (a)':>7} {'HAProxy CPU ms/conn':>20} {'capacity vs (a)':>16}")
-    rate_a = statistics.median(r for r, _ in results["a"])
-    cpu_a = statistics.median(c for _, c in results["a"])
-    for mode, label in MODES.items():
-        rate = statistics.median(r for r, _ in results[mode])
-        cpu = statistics.median(c for _, c in results[mode])
-        print(f"({mode}) {label:<24} {rate:>8.0f} {rate / rate_a:>7.2f} {cpu * 1000:>20.2f} {cpu_a / cpu:>16.2f}")
-    print("targets: (c)/(a) >= 0.95 and (b)/(a) >= 0.85")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        idle, busy = slow_agent_latency(haproxy, Path(tmp), args.seconds * 2)
-    print(f"\ncached connections, {len(idle)} idle and {len(busy)} while 4 identities wait 1 s on the agent:")
-    print(f"  idle  p50 {statistics.median(idle) * 1000:6.2f} ms   p99 {p99(idle) * 1000:6.2f} ms")
-    print(f"  busy  p50 {statistics.median(busy) * 1000:6.2f} ms   p99 {p99(busy) * 1000:6.2f} ms"
-          f"   p99 ratio {p99(busy) / p99(idle):.2f} (target <= 2)")
+        with tempfile.TemporaryDirectory() as tmp:
+            if "1" in parts:
+                throughput(build.path, args, Path(tmp))
+            if "2" in parts:
+                revocation(build.path, args.trials, Path(tmp))
+            if "3" in parts:
+                outage(build.path, args.outage, Path(tmp))
 
 
 if __name__ == "__main__":

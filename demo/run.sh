@@ -140,10 +140,15 @@ grep 'authz=' "$RUN/redis-sidecar.log" | tail -n 1
 
 say "Denying www -> redis in Consul's intentions"
 set_intention deny
-sleep 2   # the redis sidecar caches decisions for 1 s in this demo (authorize_cache_ttl_ms)
-reply=$(ping_redis)
+# The redis sidecar's meshgen wakes on the intentions' index and changes the map in HAProxy.
+for _ in $(seq 40); do
+    reply=$(ping_redis)
+    [ "$reply" != PONG ] && break
+    sleep 0.25
+done
 echo "redis-cli -p 6379 ping -> ${reply:-no answer}"
 [ "$reply" != PONG ] || { echo "demo: the deny did not take effect" >&2; exit 1; }
+grep -h "applied live" "$RUN/redis-sidecar.log" | tail -n 1
 echo "the redis sidecar's log says why:"
 grep 'authz=deny' "$RUN/redis-sidecar.log" | tail -n 1
 

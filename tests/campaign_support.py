@@ -11,11 +11,10 @@ import stat
 from pathlib import Path
 
 from harness import describe_haproxy
-from meshgen import TOKEN_FILE
+from meshgen import SECRET_FILES
 
-# A token no real agent would hand out: any sighting of it outside the token file is a leak.
+# A token no real agent would hand out: any sighting of it on disk or in a log is a leak.
 SECRET_TOKEN = "c0ffee00-5ec2-e7ab-1e55-70ce4e9a11ed"
-KEY_FILES = ("leaf.pem", TOKEN_FILE)
 
 
 def scaled(count: int) -> int:
@@ -39,17 +38,16 @@ def record(part: str, **figures) -> None:
 
 
 def secret_leaks(out_dir: Path, *texts: str, token: str = SECRET_TOKEN) -> list[str]:
-    """Where the token shows up although it must not, and key files that are not 0600:
-    every file under the output directory except the bundles' token files, and the given
-    texts (logs, stderr, argv)."""
+    """Where the token shows up, and key files that are not 0600: every file under the output
+    directory, and the given texts (logs, stderr, argv)."""
     leaks = []
     needle = token.encode()
     for path in sorted(out_dir.rglob("*")) if out_dir.exists() else []:
         if path.is_symlink() or not path.is_file():
             continue
-        if path.name in KEY_FILES and stat.S_IMODE(path.stat().st_mode) != 0o600:
+        if path.name in SECRET_FILES and stat.S_IMODE(path.stat().st_mode) != 0o600:
             leaks.append(f"{path}: mode {stat.S_IMODE(path.stat().st_mode):o}, want 600")
-        if path.name != TOKEN_FILE and needle in path.read_bytes():
+        if needle in path.read_bytes():
             leaks.append(f"{path}: holds the token")
     leaks += [f"text {i}: holds the token" for i, text in enumerate(texts) if token in text]
     return leaks

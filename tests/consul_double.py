@@ -259,6 +259,7 @@ class ConsulDouble:
         self.health_bodies: dict[tuple, bytes] = {}
         self.queries: dict[str, str] = {}          # prepared query name -> service name
         self.intentions: list[tuple[str, str, str, bool]] = []
+        self.intentions_index = 1
         self.default_intention_policy: str | None = None
         self.acl_enabled, self.acl_default_policy = False, "allow"
         self.tokens: dict[str, Token] = {}
@@ -547,10 +548,24 @@ class ConsulDouble:
             self._issue_leaf(service)
             self._changed()
 
-    def set_intention(self, source: str, destination: str, action: str, l7: bool = False) -> None:
+    def set_intention(self, source: str, destination: str, action: str, l7: bool = False,
+                      permissions: list | None = None) -> None:
+        """An L4 intention, or with `permissions` (or l7=True: one allowing every path) an L7
+        one, which has Permissions and no Action (1.9+)."""
+        if l7 and permissions is None:
+            permissions = [{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]
         with self.lock:
-            self.intentions = [i for i in self.intentions if (i[0], i[1]) != (source, destination)]
-            self.intentions.append((source, destination, action, l7))
+            self._set_intentions([i for i in self.intentions if (i[0], i[1]) != (source, destination)]
+                                 + [(source, destination, action, permissions)])
+
+    def delete_intention(self, source: str, destination: str) -> None:
+        with self.lock:
+            self._set_intentions([i for i in self.intentions if (i[0], i[1]) != (source, destination)])
+
+    def _set_intentions(self, intentions: list) -> None:
+        self.intentions = intentions
+        self.intentions_index = self._bump()
+        self._changed()
 
     def enable_acls(self, default_policy: str = "deny") -> None:
         with self.lock:
@@ -691,6 +706,7 @@ class ConsulDouble:
             (r"/v1/query/([^/]+)/execute", ("GET",), self._query_ep),
             (r"/v1/agent/self", ("GET",), self._self_ep),
             (r"/v1/connect/intentions/exact", ("PUT", "DELETE"), self._intention_ep),
+            (r"/v1/connect/intentions/match", ("GET",), self._intentions_match_ep),
             (r"/v1/connect/intentions", ("GET", "POST"), self._intentions_ep),
             (r"/v1/connect/intentions/([^/]+)", ("GET", "PUT", "DELETE"), self._intention_by_id_ep),
         ]
@@ -874,7 +890,7 @@ class ConsulDouble:
                 raise HTTPError(400, f'Invalid intention: action must be "allow" or "deny", got "{action}"')
             self.set_intention(source, destination, action)
         else:
-            self.intentions = [i for i in self.intentions if (i[0], i[1]) != (source, destination)]
+            self._set_intentions([i for i in self.intentions if (i[0], i[1]) != (source, destination)])
         return 200, True, {}
 
     # The API every version has (1.8 has no /exact): list, create, update and delete by ID.
@@ -898,7 +914,8 @@ class ConsulDouble:
 
     def _intentions_ep(self, method, _, query, secret, body):
         if method == "GET":
-            return 200, [self._intention_json(s, d, a) for s, d, a, _ in self.intentions], _meta(self.raft_index)
+            self._block(lambda: self.intentions_index, query)
+            return 200, [self._intention_json(s, d, a) for s, d, a, _ in self.intentions], _meta(self.intentions_index)
         source, destination, action = self._intention_from_body(body)
         if any((i[0], i[1]) == (source, destination) for i in self.intentions):
             raise HTTPError(500, "duplicate intention found")
@@ -913,10 +930,33 @@ class ConsulDouble:
         source, destination, action, _ = current[0]
         if method == "GET":
             return 200, self._intention_json(source, destination, action), {}
-        self.intentions = [i for i in self.intentions if i is not current[0]]
+        self._set_intentions([i for i in self.intentions if i is not current[0]])
         if method == "PUT":
             self.set_intention(*self._intention_from_body(body))
         return 200, True, {}
+
+    # Precedence of (source, destination) patterns: exact beats *, the destination first.
+    _PRECEDENCE = {(False, False): 9, (True, False): 8, (False, True): 6, (True, True): 5}
+
+    def _intentions_match_ep(self, _, query, secret, body):
+        """GET /v1/connect/intentions/match?by=destination&name=X (section 13): the intentions
+        that apply to X, highest precedence first; an L7 one carries Permissions, no Action."""
+        if query.get("by") != "destination" or not query.get("name"):
+            raise HTTPError(400, "required query parameter 'by' set to 'destination' and 'name'")
+        name = query["name"]
+        self._require(self._token(secret), name, "read")
+        self._block(lambda: self.intentions_index, query)
+        matching = []
+        for source, destination, action, l7 in self.intentions:
+            if destination in (name, "*"):
+                entry = dict(self._intention_json(source, destination, action),
+                             Precedence=self._PRECEDENCE[(source == "*", destination == "*")])
+                if l7:
+                    del entry["Action"]
+                    entry["Permissions"] = l7
+                matching.append(entry)
+        matching.sort(key=lambda entry: -entry["Precedence"])
+        return 200, {name: matching}, _meta(self.intentions_index)
 
     def _check_dc(self, query: dict) -> None:
         dc = query.get("dc")

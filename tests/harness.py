@@ -263,6 +263,11 @@ class _LocalServer:
         self.shutdown()
         self.server_close()
 
+    def handle_error(self, request, client_address):
+        """A client that resets its connection is no error of the server's."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 class EchoServer(_LocalServer, socketserver.ThreadingTCPServer):
     """The local app: answers each line with the same line."""
@@ -290,7 +295,7 @@ class TagServer(_LocalServer, socketserver.ThreadingTCPServer):
 
 
 class HttpApp(_LocalServer, ThreadingHTTPServer):
-    """A local HTTP app: 200 and the request path, keep-alive."""
+    """A local HTTP app: 200 and the request path to any method, keep-alive."""
 
     def __init__(self):
         class Handler(BaseHTTPRequestHandler):
@@ -301,7 +306,9 @@ class HttpApp(_LocalServer, ThreadingHTTPServer):
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+            do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
 
             def log_message(self, *args):
                 pass
@@ -322,12 +329,14 @@ def meshgen_render(agent, proxy_id: str, out: Path, haproxy: str) -> int:
     return meshgen_run(agent, proxy_id, out, haproxy).exit_code
 
 
-def meshgen_run(agent, proxy_id: str, out: Path, haproxy: str, runtime_socket: Path | None = None):
-    """One `meshgen render` run in-process (with --runtime-socket if given): its RenderResult."""
+def meshgen_run(agent, proxy_id: str, out: Path, haproxy: str, runtime_socket: Path | None = None,
+                wait: float | None = None):
+    """One `meshgen render` run in-process (with --runtime-socket and --wait if given): its
+    RenderResult."""
     settings = meshgen.consul_settings(agent.url, None, None, None, None, None, timeout=5.0,
                                        namespace=None, partition=None)
     request = meshgen.RenderRequest(out_dir=out, admin_socket=(out / "admin.sock").resolve(), haproxy=haproxy,
-                                    runtime_socket=runtime_socket)
+                                    runtime_socket=runtime_socket, wait_seconds=wait)
     return meshgen.run_render(settings, meshgen.ConsulClient(settings), proxy_id, request)
 
 
@@ -352,11 +361,12 @@ class HAProxy:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+    def wait_for_log(self, text: str, timeout: float = 5.0, count: int = 1) -> str:
+        """The log, once `text` is in it `count` times."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             log = self.log()
-            if text in log:
+            if log.count(text) >= count:
                 return log
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not in the HAProxy log:\n{self.log()[-3000:]}")

@@ -1,9 +1,11 @@
-"""authorize.lua inside a real HAProxy (2.6 and 2.8), real mutual TLS, the double as the agent.
-Every case that must be refused is checked by a byte failing to come back, and the log's reason."""
+"""Intentions enforced inside a real HAProxy (each supported version), real mutual TLS, the
+double as the agent: authorize.lua names the caller, intentions.map decides. Every case that
+must be refused is checked by a byte failing to come back, and the log's reason."""
 from __future__ import annotations
 
 import http.client
-import statistics
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -12,9 +14,8 @@ from pathlib import Path
 import pytest
 
 import meshgen
-
-from harness import (DoubleAgent, EchoServer, free_port, HAProxy, HttpApp, Identity, latencies,
-                     meshgen_render, register_sidecar, talk)
+from harness import (DoubleAgent, EchoServer, free_port, HAProxy, HttpApp, Identity, meshgen_run,
+                     register_sidecar, talk)
 
 
 @dataclass
@@ -24,30 +25,33 @@ class Sidecar:
     haproxy: HAProxy
     out: Path
     ids: Path
+    proxy_id: str
+    binary: str
 
     def identity(self, service: str) -> Identity:
         return Identity.from_double(self.double, self.ids, service)
+
+    def render(self):
+        """A render with live changes on, as start.sh runs it."""
+        return meshgen_run(self.double, self.proxy_id, self.out, self.binary,
+                           runtime_socket=self.out / "admin.sock")
 
 
 @pytest.fixture
 def start_sidecar(double, haproxy, tmp_path):
     """Starts the `web` sidecar under HAProxy with the given Config, in front of an echo app
-    (tcp) or an HTTP app; stops everything after."""
+    (tcp) or an HTTP app, on the intentions set so far; stops everything after."""
     started, echo, http_app = [], EchoServer(), HttpApp()
 
-    def start(config: dict | None = None, lua: str | None = None, one_thread: bool = False) -> Sidecar:
+    def start(config: dict | None = None) -> Sidecar:
         port = free_port()
         app = http_app if (config or {}).get("protocol") == "http" else echo
-        proxy_id = register_sidecar(double, "web", port, app.port,
-                                    {"authorize_timeout_ms": 1000, **(config or {})})
+        proxy_id = register_sidecar(double, "web", port, app.port, config or {})
         out = tmp_path / "out"
-        assert meshgen_render(double, proxy_id, out, haproxy) == 3
-        if lua is not None:   # a variant of the script, to show what a test can tell apart
-            (out / meshgen.LIVE / "authorize.lua").write_text(lua)
-        process = HAProxy(haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=port,
-                          one_thread=one_thread)
+        assert meshgen_run(double, proxy_id, out, haproxy).exit_code == 3
+        process = HAProxy(haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=port)
         started.append(process)
-        return Sidecar(double, port, process, out, tmp_path / "ids")
+        return Sidecar(double, port, process, out, tmp_path / "ids", proxy_id, haproxy)
 
     yield start
     for process in started:
@@ -56,20 +60,23 @@ def start_sidecar(double, haproxy, tmp_path):
     http_app.close()
 
 
-def test_allowed_identity_reaches_the_app(start_sidecar):
+def test_allowed_identity_reaches_the_app(double, start_sidecar):
+    double.set_intention("api", "web", "allow")
     sidecar = start_sidecar()
-    sidecar.double.set_intention("api", "web", "allow")
-    assert talk(sidecar.port, sidecar.identity("api").context()) == b"ping\n"
-    log = sidecar.haproxy.wait_for_log("authz=allow")
-    assert f'spiffe="{sidecar.double.service_uri("api")}"' in log
-    assert "Matched L4 intention: default/api => default/web" in log
+    client = sidecar.identity("api").context()
+    for _ in range(6):      # after the first, by the certificate's digest, without the script
+        assert talk(sidecar.port, client) == b"ping\n"
+    sidecar.haproxy.wait_for_log("authz=allow", count=6)    # a line is written as its connection ends
+    allowed = [line for line in sidecar.haproxy.log().splitlines() if "authz=allow" in line]
+    assert len(allowed) == 6
+    assert all(f'spiffe="{double.service_uri("api")}"' in line and
+               "intention: default/api => default/web (precedence 9): allow" in line for line in allowed)
 
 
-def test_refused_identities(start_sidecar):
-    sidecar = start_sidecar()
-    double = sidecar.double
+def test_refused_identities(double, start_sidecar):
     double.set_intention("api", "web", "allow")
     double.set_intention("intruder", "web", "deny")
+    sidecar = start_sidecar()
     foreign = DoubleAgent()  # another CA altogether
     cases = {
         "denied by intention": sidecar.identity("intruder").context(),
@@ -79,168 +86,248 @@ def test_refused_identities(start_sidecar):
         "two URI SANs": Identity.custom(double, sidecar.ids, "two", double.service_uri("api"),
                                         double.service_uri("web")).context(),
         "URI that is not SPIFFE": Identity.custom(double, sidecar.ids, "https", "https://api.example/").context(),
-        # Signed by our CA, allowed by the intention, but of another trust domain: the agent
-        # would say yes, so authorize.lua must not ask it.
+        # Signed by our CA, and its service is allowed, but of another trust domain.
         "identity of another trust domain": Identity.custom(
             double, sidecar.ids, "elsewhere", "spiffe://other.consul/ns/default/dc/dc1/svc/api").context(),
+        "an agent's identity, not a service's": Identity.custom(
+            double, sidecar.ids, "agent", double.service_uri("api").split("/ns/")[0] + "/agent/client/dc/dc1/id/x"
+        ).context(),
     }
     for case, context in cases.items():
         assert talk(sidecar.port, context) is None, case
     assert talk(sidecar.port, None, b"\x16\x03\x01 garbage, not TLS\n") is None
-    log = sidecar.haproxy.wait_for_log("URI is not a SPIFFE ID")
-    assert "Matched L4 intention: default/intruder => default/web (Precedence: 9, Action: DENY)" in log
+    log = sidecar.haproxy.wait_for_log("is not of a service")
+    assert "intention: default/intruder => default/web (precedence 9): deny" in log
     assert 'reason="client certificate has 0 URI SANs, want 1"' in log
     assert 'reason="client certificate has 2 URI SANs, want 1"' in log
     assert 'reason="client certificate is of trust domain other.consul, not this mesh\'s"' in log
     assert log.count("authz=allow") == 0
+    assert log.count("authz=deny") == 6
 
 
-@pytest.mark.parametrize("fault, reason", [
-    # HAProxy's httpclient retries a refused connect until the inspect-delay ends the check.
-    ("down", "agent did not answer in time"),
-    ("slow", "agent did not answer in time"),
-    ("403", "agent answered 403"),
-    ("500", "agent answered 500"),
-    ("garbage", "agent answer unparsable"),
-    ("empty 200", "agent answer unparsable"),
-])
-def test_agent_failures_refuse_and_say_why(start_sidecar, fault, reason):
-    sidecar = start_sidecar({"authorize_cache_ttl_ms": 0})
-    double = sidecar.double
+@pytest.mark.parametrize("acl_default", [None, "allow", "deny"])
+def test_a_caller_no_intention_names_gets_the_agents_decision(double, start_sidecar, acl_default, monkeypatch):
+    """ACLs off: allow; ACLs on: their default policy; a `*` intention: its action. Consul
+    decides, meshgen only asks it about a caller no intention names."""
+    if acl_default:
+        double.enable_acls(acl_default)
+        monkeypatch.setenv("CONSUL_HTTP_TOKEN", double.add_token({"service_prefix:": "write"}))
+    double.set_intention("named", "web", "deny" if acl_default != "deny" else "allow")
+    sidecar = start_sidecar()
+    stranger = sidecar.identity("stranger").context()
+    assert (talk(sidecar.port, stranger) == b"ping\n") is (acl_default != "deny")
+    double.set_intention("*", "web", "deny" if acl_default != "deny" else "allow")
+    assert sidecar.render().applied_live
+    assert (talk(sidecar.port, stranger) == b"ping\n") is (acl_default == "deny")
+    named = talk(sidecar.port, sidecar.identity("named").context()) == b"ping\n"
+    assert named is (acl_default == "deny")
+
+
+def test_no_connection_asks_the_agent_and_a_dead_agent_changes_no_decision(double, start_sidecar):
+    """Fail static: decisions live in HAProxy, so with the agent gone, allowed callers still get
+    in, on every thread, and denied ones are still refused; a render in the meantime fails and
+    leaves HAProxy's files as they were."""
+    for i in range(5):
+        double.set_intention(f"allowed{i}", "web", "allow")
+        double.set_intention(f"denied{i}", "web", "deny")
+    sidecar = start_sidecar()
+    calls = double.count("/v1/agent/connect/authorize")
+    double.stop()
+    for _ in range(4):          # more connections than threads: each thread decides
+        for i in range(5):
+            assert talk(sidecar.port, sidecar.identity(f"allowed{i}").context()) == b"ping\n"
+            assert talk(sidecar.port, sidecar.identity(f"denied{i}").context()) is None
+    before = (sidecar.out / "intentions.map").read_bytes()
+    with pytest.raises(meshgen.MeshgenError, match="cannot reach the Consul agent"):
+        sidecar.render()
+    assert (sidecar.out / "intentions.map").read_bytes() == before
+    assert double.count("/v1/agent/connect/authorize") == calls
+
+
+def test_a_revoked_intention_refuses_the_next_connection_without_a_reload(double, start_sidecar):
     double.set_intention("api", "web", "allow")
+    sidecar = start_sidecar()
     client = sidecar.identity("api").context()
     assert talk(sidecar.port, client) == b"ping\n"
-    path = "/v1/agent/connect/authorize"
-    if fault == "down":
-        double.stop()
-    elif fault == "slow":
-        double.inject(path, delay=3)
-    elif fault == "garbage":
-        double.inject(path, status=200, body='{"Authorized": maybe}')
-    elif fault == "empty 200":
-        double.inject(path, status=200, body="")
-    else:
-        double.inject(path, status=int(fault), body="Permission denied")
+    pid = sidecar.haproxy.process.pid
+    double.set_intention("api", "web", "deny")
+    result = sidecar.render()
+    assert result.applied_live and result.live_change == "intentions", result
     assert talk(sidecar.port, client) is None
-    log = sidecar.haproxy.wait_for_log(f'reason="{reason}"')
-    assert "authz=deny" in log
+    double.delete_intention("api", "web")
+    assert sidecar.render().applied_live
+    assert talk(sidecar.port, client) == b"ping\n"     # ACLs off: the agent allows unnamed callers
+    assert sidecar.haproxy.process.pid == pid and sidecar.haproxy.process.poll() is None
 
 
-def test_intention_flip_takes_effect_within_the_cache_ttl(start_sidecar):
-    sidecar = start_sidecar({"authorize_cache_ttl_ms": 500})
-    sidecar.double.set_intention("api", "web", "allow")
-    client = sidecar.identity("api").context()
-    assert talk(sidecar.port, client) == b"ping\n"
-    sidecar.double.set_intention("api", "web", "deny")
-    time.sleep(0.6)
-    assert talk(sidecar.port, client) is None
-    sidecar.double.set_intention("api", "web", "allow")
-    time.sleep(0.6)
-    assert talk(sidecar.port, client) == b"ping\n"
+class OpenConnection:
+    """A connection kept open after its first echo, as a long-lived client keeps it."""
+
+    def __init__(self, port: int, context):
+        self.tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5))
+        assert self.echoes()
+
+    def echoes(self) -> bool:
+        try:
+            self.tls.sendall(b"ping\n")
+            return self.tls.recv(64) == b"ping\n"
+        except (ssl.SSLError, OSError):
+            return False
+
+    def close(self) -> None:
+        self.tls.close()
 
 
-def test_cache_answers_without_the_agent_and_grace_covers_an_outage(start_sidecar):
-    sidecar = start_sidecar({"authorize_cache_ttl_ms": 60000}, one_thread=True)
-    double = sidecar.double
+def test_a_revoked_callers_open_connections_are_shut_down_and_no_one_elses(double, start_sidecar):
+    """Consul's guide: a deny must not leave open connections for ever. The live change shuts
+    down the revoked caller's connections; another caller's stay open and keep working."""
     double.set_intention("api", "web", "allow")
-    client = sidecar.identity("api").context()
-    for _ in range(5):
-        assert talk(sidecar.port, client) == b"ping\n"
-    assert double.count("/v1/agent/connect/authorize") == 1
-    assert "cached: Matched L4 intention" in sidecar.haproxy.wait_for_log("cached:")
+    double.set_intention("billing", "web", "allow")
+    sidecar = start_sidecar()
+    revoked = [OpenConnection(sidecar.port, sidecar.identity("api").context()) for _ in range(3)]
+    kept = [OpenConnection(sidecar.port, sidecar.identity("billing").context()) for _ in range(3)]
+    double.set_intention("api", "web", "deny")
+    result = sidecar.render()
+    assert result.applied_live, result
+    assert [connection.echoes() for connection in revoked] == [False] * 3
+    assert [connection.echoes() for connection in kept] == [True] * 3
+    for connection in revoked + kept:
+        connection.close()
 
 
-def test_grace_reuses_a_recent_allow_while_the_agent_is_down(start_sidecar):
-    sidecar = start_sidecar({"authorize_cache_ttl_ms": 200, "authorize_grace_ms": 60000}, one_thread=True)
-    double = sidecar.double
+def test_max_connection_lifetime_ends_connections_while_meshgen_waits(double, start_sidecar):
+    """Consul's guide: bound a connection's life. No connection ends before the lifetime; one
+    held open ends while `render --wait` waits, with nothing changed; a new one gets in."""
     double.set_intention("api", "web", "allow")
-    double.set_intention("other", "web", "allow")
+    sidecar = start_sidecar({"max_connection_lifetime_ms": 2000})
     client = sidecar.identity("api").context()
+    held, opened = OpenConnection(sidecar.port, client), time.monotonic()
+    ended = []
+
+    def watch_it() -> None:
+        while held.echoes():
+            time.sleep(0.1)
+        ended.append(time.monotonic() - opened)
+    watcher = threading.Thread(target=watch_it)
+    watcher.start()
+    result = meshgen_run(double, sidecar.proxy_id, sidecar.out, sidecar.binary,
+                         runtime_socket=sidecar.out / "admin.sock", wait=6)
+    watcher.join(5)
+    assert result.waited_out
+    assert ended and 2.0 <= ended[0] < 6, ended
     assert talk(sidecar.port, client) == b"ping\n"
-    double.inject("/v1/agent/connect/authorize", status=500, body="down")
-    time.sleep(0.3)
-    assert talk(sidecar.port, client) == b"ping\n"
-    assert talk(sidecar.port, sidecar.identity("other").context()) is None
-    assert "grace (agent answered 500)" in sidecar.haproxy.wait_for_log("grace")
+    held.close()
 
 
-def test_the_token_comes_from_the_bundle_file(double, start_sidecar, monkeypatch):
+def test_no_token_reaches_the_bundle(double, start_sidecar, monkeypatch):
     token = "0b6b3c36-1d1f-4c2e-9a55-authz-token"
     double.enable_acls("deny")
     double.add_token({"service_prefix:": "write"}, secret=token)
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", token)
-    sidecar = start_sidecar()
     double.set_intention("api", "web", "allow")
+    sidecar = start_sidecar()
     assert talk(sidecar.port, sidecar.identity("api").context()) == b"ping\n"
-    authorize_calls = [entry for entry in double.request_log if entry[1] == "/v1/agent/connect/authorize"]
-    assert authorize_calls and all(entry[2].get("_token") == token for entry in authorize_calls)
-    assert token not in (sidecar.out / "haproxy.cfg").read_text()
+    for path in (sidecar.out / "live").iterdir():
+        assert token.encode() not in path.read_bytes(), path
     assert token not in sidecar.haproxy.log()
 
 
-def test_http_mode_authorizes_once_per_connection(start_sidecar):
-    sidecar = start_sidecar({"protocol": "http", "authorize_cache_ttl_ms": 0})
-    sidecar.double.set_intention("api", "web", "allow")
+def test_http_mode_looks_each_request_up(double, start_sidecar):
+    """The caller is read once per connection, its decision on every request: a revocation
+    refuses the next request of a keep-alive connection."""
+    double.set_intention("api", "web", "allow")
+    sidecar = start_sidecar({"protocol": "http"})
     context = sidecar.identity("api").context()
-    for connection_number in (1, 2):
-        connection = http.client.HTTPSConnection("127.0.0.1", sidecar.port, context=context, timeout=5)
-        for i in range(5):
-            connection.request("GET", f"/request/{i}")
-            response = connection.getresponse()
-            assert (response.status, response.read()) == (200, f"/request/{i}".encode())
-        connection.close()
-        assert sidecar.double.count("/v1/agent/connect/authorize") == connection_number
-    sidecar.double.set_intention("api", "web", "deny")
-    refused = http.client.HTTPSConnection("127.0.0.1", sidecar.port, context=context, timeout=5)
+    connection = http.client.HTTPSConnection("127.0.0.1", sidecar.port, context=context, timeout=5)
+    for i in range(3):
+        connection.request("GET", f"/request/{i}")
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (200, f"/request/{i}".encode())
+    double.set_intention("api", "web", "deny")
+    assert sidecar.render().applied_live
     with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
-        refused.request("GET", "/")
-        refused.getresponse()
+        connection.request("GET", "/after")
+        connection.getresponse()
 
 
-BLOCKING_ASK = """local function ask_agent(uri, serial)
-    -- What a blocking HTTP call to a 1 s agent does inside HAProxy (the PoC's lua-socket): it
-    -- holds the thread in C. A busy loop in Lua would not: from 3.2 HAProxy's forced yield
-    -- interrupts it and serves other connections in between.
-    os.execute("sleep 1")
-    return true, "blocking variant"
-end
+# One L7 intention api => web, in Consul's form: the first permission that matches decides.
+L7_PERMISSIONS = [
+    {"Action": "deny", "HTTP": {"PathPrefix": "/admin", "Header": [{"Name": "x-debug", "Present": True}]}},
+    {"Action": "allow", "HTTP": {"PathPrefix": "/admin", "Methods": ["GET"]}},
+    {"Action": "allow", "HTTP": {"PathRegex": "/invoices/[0-9]+", "Methods": ["GET", "HEAD"]}},
+    {"Action": "allow", "HTTP": {"PathExact": "/health", "Header": [{"Name": "user-agent", "Suffix": "probe"}]}},
+    {"Action": "deny", "HTTP": {"PathPrefix": "/api", "Header": [{"Name": "x-team", "Exact": "blue", "Invert": True}]}},
+    {"Action": "allow", "HTTP": {"PathPrefix": "/api"}},
+    {"Action": "allow", "HTTP": {"Header": [{"Name": "x-token", "Regex": "[a-f0-9]{8}"},
+                                            {"Name": "x-mode", "Prefix": "ro-"}]}},
+    {"Action": "allow", "HTTP": {"Header": [{"Name": "x-odd", "Exact": "a b#$c"}]}},
+]
+# (method, path, headers) -> the permission that decides, as the intention above reads;
+# None: no permission matches, so Consul's default decides.
+L7_REQUESTS = [
+    ("GET", "/admin/users", {}, 2),
+    ("GET", "/admin", {}, 2),
+    ("GET", "/admin/users", {"x-debug": "1"}, 1),
+    ("POST", "/admin/users", {}, None),
+    ("GET", "/ADMIN/users", {}, None),                          # paths match case-sensitively
+    ("GET", "/invoices/42", {}, 3),
+    ("HEAD", "/invoices/42", {}, 3),
+    ("DELETE", "/invoices/42", {}, None),
+    ("GET", "/invoices/42x", {}, None),                         # a regex matches the whole path
+    ("GET", "/v2/invoices/42", {}, None),
+    ("GET", "/health", {"user-agent": "kube-probe"}, 4),
+    ("GET", "/health", {"user-agent": "curl"}, None),
+    ("GET", "/health/", {"user-agent": "kube-probe"}, None),   # exact is exact
+    ("GET", "/api/v1", {"x-team": "blue"}, 6),                  # inverted: blue does not match 5
+    ("GET", "/api/v1", {"x-team": "red"}, 5),
+    ("GET", "/api/v1", {}, 5),                                  # no header: not blue either
+    ("GET", "/other", {"x-token": "deadbeef", "x-mode": "ro-1"}, 7),
+    ("GET", "/other", {"x-token": "deadbeef", "x-mode": "rw-1"}, None),
+    ("GET", "/other", {"x-token": "deadbeefcafe", "x-mode": "ro-1"}, None),
+    ("GET", "/other", {"x-odd": "a b#$c"}, 8),                   # taken literally: no comment, no variable
+    ("GET", "/other", {"x-odd": "a b"}, None),
+    ("GET", "/other", {}, None),
+]
 
-"""
+
+def request_status(port: int, context, method: str, path: str, headers: dict) -> int | None:
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+    try:
+        connection.request(method, path, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
 
 
-def blocking_variant() -> str:
-    source = (Path(__file__).resolve().parent.parent / "authorize.lua").read_text()
-    return (source[:source.index("local function ask_agent")] + BLOCKING_ASK
-            + source[source.index("local function decide"):])
+@pytest.mark.parametrize("default", ["deny", "allow"])
+def test_l7_permissions_decide_each_request_as_the_intention_says(double, start_sidecar, default, monkeypatch):
+    """The first permission that matches decides; a request none matches gets Consul's default
+    (ACLs on with default deny: deny; ACLs off: allow). Denied is a 403 whose log line names
+    the intention and the permission; allowed reaches the app."""
+    if default == "deny":
+        double.enable_acls("deny")
+        monkeypatch.setenv("CONSUL_HTTP_TOKEN", double.add_token({"service_prefix:": "write"}))
+    double.set_intention("api", "web", "allow", permissions=L7_PERMISSIONS)
+    sidecar = start_sidecar({"protocol": "http"})
+    context = sidecar.identity("api").context()
+    wrong = []
+    for method, path, headers, permission in L7_REQUESTS:
+        action = L7_PERMISSIONS[permission - 1]["Action"] if permission else default
+        status = request_status(sidecar.port, context, method, path, headers)
+        if status != {"allow": 200, "deny": 403}[action]:
+            wrong.append((method, path, headers, action, status))
+    assert wrong == []
+    log = sidecar.haproxy.wait_for_log("l7=deny:permission-5")
+    assert 'reason="L7 intention: default/api => default/web (precedence 9)" l7=deny:permission-1' in log
+    assert f"l7={default}:default" in log
 
 
-def p99(samples: list[float]) -> float:
-    """A blocked HAProxy may leave a single sample in the window: then that one is the tail."""
-    return statistics.quantiles(samples, n=100)[98] if len(samples) > 1 else max(samples)
-
-
-@pytest.mark.parametrize("blocking", [False, True], ids=["authorize.lua", "blocking variant"])
-def test_a_slow_agent_delays_only_the_connection_that_waits_on_it(start_sidecar, blocking):
-    """Connections of a cached identity keep their latency while other identities' checks wait
-    1 s on the agent. The blocking variant shows that this test tells the two apart. HAProxy
-    runs one thread here: no second thread can hide a blocked one."""
-    sidecar = start_sidecar({"authorize_cache_ttl_ms": 60000, "authorize_timeout_ms": 3000},
-                            lua=blocking_variant() if blocking else None, one_thread=True)
-    double = sidecar.double
-    double.set_intention("*", "web", "allow")
-    fast = sidecar.identity("api").context()
-    assert talk(sidecar.port, fast) == b"ping\n"       # cached from here on
-    idle = latencies(sidecar.port, fast, 1.0)
-    double.inject("/v1/agent/connect/authorize", delay=1.0)
-    waiting = [threading.Thread(target=talk, args=(sidecar.port, sidecar.identity(f"slow{i}").context()))
-               for i in range(3)]
-    for thread in waiting:
-        thread.start()
-    time.sleep(0.1)
-    busy = latencies(sidecar.port, fast, 1.0)
-    for thread in waiting:
-        thread.join()
-    if blocking:
-        assert p99(busy) > 0.5, (p99(idle), p99(busy))
-    else:
-        assert p99(busy) < max(2 * p99(idle), p99(idle) + 0.05), (p99(idle), p99(busy))
+def test_l7_intentions_deny_on_a_tcp_service(double, start_sidecar):
+    double.set_intention("api", "web", "allow", permissions=[{"Action": "allow", "HTTP": {"PathPrefix": "/"}}])
+    sidecar = start_sidecar()
+    assert talk(sidecar.port, sidecar.identity("api").context()) is None
+    assert "L7 intention on a tcp service" in sidecar.haproxy.wait_for_log("authz=deny")

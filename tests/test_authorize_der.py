@@ -137,34 +137,33 @@ def test_random_bytes_are_refused_or_parsed_safely(lua, blobs):
     assert_safe(lua(blobs))
 
 
-DECISION_RUNNER = r"""
+CALLER_RUNNER = r"""
 core = { register_action = function() end }
 local m = dofile(arg[1])
-for body in io.lines(arg[2]) do
-    local allowed, reason = m.parse_decision(body)
-    io.write(tostring(allowed), "|", tostring(reason), "\n")
+for uri in io.lines(arg[2]) do
+    io.write(tostring(m.caller_of(uri)), "\n")
 end
 """
 
 
 @pytest.mark.parametrize("binary", LUAS)
-def test_agent_reasons_are_decoded_as_json(binary, tmp_path):
-    """Consul's JSON escapes `>` as \\u003e (seen on a real 1.8.7 agent); the log must read `=>`."""
+def test_the_caller_is_the_namespace_and_service_of_a_service_identity(binary, tmp_path):
+    """intentions.map names callers namespace/service; any identity that is not a service's
+    (an agent's, a mesh gateway's, a bare domain) names none, and is refused."""
     lua = shutil.which(binary)
     if lua is None:
         pytest.skip(f"{binary} is not installed (.ci/run installs it)")
-    bodies = {
-        r'{"Authorized":true,"Reason":"Matched intention: ALLOW default/www =\u003e default/redis (ID: 1)"}':
-            "true|Matched intention: ALLOW default/www => default/redis (ID: 1)",
-        r'{"Authorized":false,"Reason":"a \"quoted\" word,\nthen a newline \u00e9"}':
-            'false|a "quoted" word, then a newline \u00e9',
-        r'{"Reason":"order does not matter","Authorized":true}': "true|order does not matter",
-        r'{"Authorized":true,"Reason":"a bad escape \q"}': "true|",
-        r'{"Authorized":"yes","Reason":"not a boolean"}': "nil|nil",
+    uris = {
+        "spiffe://1111.consul/ns/default/dc/dc1/svc/api": "default/api",
+        "spiffe://1111.consul/ap/team/ns/billing/dc/dc1/svc/api": "billing/api",
+        "spiffe://1111.consul/agent/client/dc/dc1/id/abc": "nil",
+        "spiffe://1111.consul/ns/default/dc/dc1/svc/api/extra": "nil",
+        "spiffe://1111.consul/ns/default/dc/dc1/svc/": "nil",
+        "spiffe://1111.consul": "nil",
     }
-    (tmp_path / "runner.lua").write_text(DECISION_RUNNER)
-    (tmp_path / "bodies").write_text("\n".join(bodies) + "\n")
+    (tmp_path / "runner.lua").write_text(CALLER_RUNNER)
+    (tmp_path / "uris").write_text("\n".join(uris) + "\n")
     result = subprocess.run([lua, str(tmp_path / "runner.lua"), str(ROOT / "authorize.lua"),
-                             str(tmp_path / "bodies")], capture_output=True, text=True, timeout=60)
+                             str(tmp_path / "uris")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == list(bodies.values())
+    assert result.stdout.splitlines() == list(uris.values())

@@ -34,8 +34,8 @@ def test_render_writes_a_complete_bundle_then_nothing(agent, seed, any_haproxy, 
     live = out / meshgen.LIVE
     bundle = os.readlink(live)
     assert bundle.startswith(meshgen.BUNDLE_PREFIX)
-    expected = {"authorize.lua", "haproxy.cfg", "leaf.pem", "public.crt-list", "roots.pem"} | (
-        {meshgen.TOKEN_FILE} if getattr(agent, "token", None) else set())
+    expected = {"authorize.lua", "callers.map", "haproxy.cfg", "intentions.map", "leaf.pem", "public.crt-list",
+                "roots.pem"}
     assert {p.name for p in live.iterdir()} == expected
     for name in expected:
         assert os.readlink(out / name) == f"live/{name}"
@@ -210,7 +210,8 @@ def test_unix_socket_agent(any_haproxy, tmp_path):
         load_seed(agent)
         run = render(agent, tmp_path / "out", any_haproxy)
         assert run.code == 3, run.stderr
-        assert f"str(unix@{tmp_path}/consul.sock)" in (tmp_path / "out" / "haproxy.cfg").read_text()
+        # HAProxy never calls the agent: only meshgen does.
+        assert "consul.sock" not in (tmp_path / "out" / "haproxy.cfg").read_text()
     finally:
         agent.stop()
 
@@ -242,14 +243,12 @@ def test_https_agent_verified_with_the_ca_file(any_haproxy, tmp_path):
         assert unverified.code == 1 and "cannot reach the Consul agent" in unverified.stderr
         run = render(agent, tmp_path / "out", any_haproxy, env=agent_env(agent, CONSUL_CACERT=cert))
         assert run.code == 3, run.stderr
-        config = (tmp_path / "out" / "haproxy.cfg").read_text()
-        assert "set-var proc.meshgen_agent_url str(https://127.0.0.1)" in config
-        assert f"httpclient.ssl.ca-file {cert}" in config
+        assert "intention" in (tmp_path / "out" / "intentions.map").read_text()
     finally:
         agent.stop()
 
 
-def test_token_reaches_the_agent_and_only_the_token_file(seeded_double, any_haproxy, tmp_path):
+def test_token_reaches_the_agent_and_no_file(seeded_double, any_haproxy, tmp_path):
     token = "3f1e0c2a-0000-4000-8000-secretsecret"
     seeded_double.enable_acls("deny")
     seeded_double.add_token({"service_prefix:": "write"}, secret=token)
@@ -260,9 +259,7 @@ def test_token_reaches_the_agent_and_only_the_token_file(seeded_double, any_hapr
                  env=agent_env(seeded_double, CONSUL_HTTP_TOKEN_FILE=str(token_file)))
     assert run.code == 3, run.stderr
     assert {entry[2].get("_token") for entry in seeded_double.request_log} == {token}
-    holders = [p.name for p in (out / meshgen.LIVE).iterdir() if token.encode() in p.read_bytes()]
-    assert holders == [meshgen.TOKEN_FILE]
-    assert stat.S_IMODE((out / meshgen.LIVE / meshgen.TOKEN_FILE).stat().st_mode) == 0o600
+    assert [p.name for p in out.rglob("*") if p.is_file() and token.encode() in p.read_bytes()] == []
     assert token not in run.stdout + run.stderr
     hidden = render(seeded_double, tmp_path / "out2", any_haproxy)
     assert hidden.code == 1

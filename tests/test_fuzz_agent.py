@@ -34,7 +34,7 @@ RICH_SIDECAR = {
     "connect": {"sidecar_service": {"port": 21000, "proxy": {
         "config": {"protocol": "http", "unsecured_bind_port": 8081, "syslog_server": "127.0.0.1:514",
                    "envoy_prometheus_bind_addr": "127.0.0.1:9102", "max_inbound_connections": 500,
-                   "local_connect_timeout_ms": 2000, "authorize_cache_ttl_ms": 5000},
+                   "local_connect_timeout_ms": 2000},
         "upstreams": [
             {"destination_name": "redis", "local_bind_port": 6379,
              "config": {"destination_mode": "tcp", "advanced_check": "redis",
@@ -84,7 +84,6 @@ REGISTRATION_PATHS = [
         "protocol", "local_service_mode", "bind_address", "bind_port", "unsecured_bind_port",
         "syslog_server", "envoy_prometheus_bind_addr", "envoy_stats_bind_addr", "max_inbound_connections",
         "local_connect_timeout_ms", "local_request_timeout_ms", "local_idle_timeout_ms",
-        "authorize_timeout_ms", "authorize_cache_ttl_ms", "authorize_cache_size", "authorize_grace_ms",
         "Protocol", "BIND_ADDRESS")],
     *[("Proxy", "Upstreams", i, key) for i in (0, 1, 2) for key in (
         "DestinationType", "DestinationName", "Datacenter", "DestinationPeer", "LocalBindAddress",
@@ -104,6 +103,9 @@ HEALTH_PATHS = [
 ]
 ROOTS_PATHS = [("Roots",), ("Roots", 0), ("Roots", 0, "RootCert"), ("Roots", 0, "IntermediateCerts"),
                ("ActiveRootID",), ("TrustDomain",)]
+INTENTIONS_PATHS = [("www",), ("www", 0), ("www", 1), *[("www", i, key) for i in (0, 1) for key in (
+    "SourceName", "SourceNS", "DestinationName", "DestinationNS", "Action", "Permissions", "Precedence")]]
+AUTHORIZE_PATHS = [("Authorized",), ("Reason",)]
 LEAF_PATHS = [("CertPEM",), ("PrivateKeyPEM",), ("Service",), ("ServiceURI",), ("ValidBefore",),
               ("SerialNumber",)]
 
@@ -161,6 +163,8 @@ cases = st.one_of(
     st.tuples(st.just("health"), st.tuples(st.integers(0, 4), st.integers(0, 3)), mutations(HEALTH_PATHS)),
     st.tuples(st.just("roots"), mutations(ROOTS_PATHS)),
     st.tuples(st.just("leaf"), mutations(LEAF_PATHS)),
+    st.tuples(st.just("intentions"), mutations(INTENTIONS_PATHS)),
+    st.tuples(st.just("authorize"), mutations(AUTHORIZE_PATHS)),
     st.tuples(st.just("pem"), st.sampled_from(["RootCert", "CertPEM", "PrivateKeyPEM"]), st.data()),
 )
 
@@ -174,14 +178,18 @@ def _literal_lines() -> set[str]:
 
 LITERAL_LINES = _literal_lines()
 QUOTING = re.compile(r"[\"'\\$]")
+SINGLE_QUOTED = re.compile(r"'[^'\n]*'")
 
 
 def injection_traces(config: str) -> list[str]:
     """Signs that a value from the agent changed haproxy.cfg's syntax rather than filling a
-    word: the canary anywhere; a control, non-ASCII, quoting, escaping or `$` character on a
-    line that carries values; a `#` that does not begin a comment line."""
-    traces = [f"canary at offset {config.index(CANARY)}"] if CANARY in config else []
-    for number, line in enumerate(config.split("\n"), 1):
+    word: the canary anywhere outside single quotes; a control, non-ASCII, quoting, escaping or
+    `$` character on a line that carries values; a `#` that does not begin a comment line.
+    Single quotes hold an L7 permission's value, which HAProxy takes literally: meshgen
+    refuses a value with a quote of its own, so what is inside cannot end them."""
+    unquoted = SINGLE_QUOTED.sub("QUOTED", config)
+    traces = [f"canary at offset {unquoted.index(CANARY)}"] if CANARY in unquoted else []
+    for number, line in enumerate(unquoted.split("\n"), 1):
         stripped = line.strip()
         if not line.isascii() or any(ord(ch) < 32 or ord(ch) == 127 for ch in line):
             traces.append(f"line {number}: control or non-ASCII character: {line!r}")
@@ -189,6 +197,19 @@ def injection_traces(config: str) -> list[str]:
             continue
         elif "#" in line or QUOTING.search(line):
             traces.append(f"line {number}: comment or quoting character in a line with values: {line!r}")
+    return traces
+
+
+MAP_LINE = re.compile(r"(\*|[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*) (allow|deny|l7-[0-9]+)\|[A-Za-z0-9 ._:/*=>(),?-]{0,200}")
+
+
+def map_traces(intentions_map: str) -> list[str]:
+    """Lines of intentions.map that are not one caller, one decision and a reason of safe
+    characters: a value from the agent that made a line of its own, or broke one."""
+    lines = [line for line in intentions_map.split("\n") if line and not line.startswith("#")]
+    traces = [f"not a map line: {line!r}" for line in lines if not MAP_LINE.fullmatch(line)]
+    if [line for line in lines if line.startswith("* ")] != lines[-1:]:
+        traces.append("the unnamed callers' line is not the last one, or not alone")
     return traces
 
 
@@ -203,24 +224,29 @@ def fuzz_agent(tmp_path):
     double.add_instance("billing", "10.0.0.31", 21000)
     double.add_instance("geo", "10.0.0.41", 21000)
     double.add_prepared_query("geo", "geo")
+    double.set_intention("api", "www", "allow")
+    double.set_intention("*", "www", "deny")
     yield double
     double.stop()
 
 
 def agent_answers(double) -> dict:
     """The well-formed answers each case starts from, as the agent encodes them."""
-    def get(path):
-        status, payload, _ = double.handle("GET", path, {}, {}, b"")
+    def get(path, query=None):
+        status, payload, _ = double.handle("GET", path, query or {}, {}, b"")
         assert status == 200
         return json.loads(payload if isinstance(payload, bytes) else json.dumps(payload))
     return {"registration": get("/v1/agent/service/www-sidecar-proxy"),
             "health": get("/v1/health/connect/redis"),
             "roots": get("/v1/agent/connect/ca/roots"),
-            "leaf": get("/v1/agent/connect/ca/leaf/www")}
+            "leaf": get("/v1/agent/connect/ca/leaf/www"),
+            "intentions": get("/v1/connect/intentions/match", {"by": "destination", "name": "www"}),
+            "authorize": {"Authorized": False, "Reason": "Matched L4 intention: default/* => default/www"}}
 
 
 ENDPOINTS = {"registration": "/v1/agent/service/www-sidecar-proxy", "health": "/v1/health/connect/redis",
-             "roots": "/v1/agent/connect/ca/roots", "leaf": "/v1/agent/connect/ca/leaf/www"}
+             "roots": "/v1/agent/connect/ca/roots", "leaf": "/v1/agent/connect/ca/leaf/www",
+             "intentions": "/v1/connect/intentions/match", "authorize": "/v1/agent/connect/authorize"}
 
 
 def broken_answer(case, answers: dict) -> tuple[str, object]:
@@ -285,6 +311,8 @@ def test_fuzzed_agent_answers_render_safely_or_fail_cleanly(fuzz_agent, haproxy,
         else:
             config = (out / "haproxy.cfg").read_text()
             assert injection_traces(config) == [], (case, config)
+            intentions_map = (out / "intentions.map").read_text()
+            assert map_traces(intentions_map) == [], (case, intentions_map)
             outcomes[(case[0], "rendered" if result.exit_code == 3 else "unchanged")] += 1
         assert secret_leaks(out, result.stdout, result.stderr) == []
 

@@ -17,18 +17,40 @@ from harness import ROOT
 
 DATA = ROOT / "tests" / "data"
 GOLDEN = DATA / "golden"
-AGENT = meshgen.AgentAccess("http://127.0.0.1", "127.0.0.1:8500", None, True)
 OUT = Path("/run/meshgen")
 
+
+def intention(source: str, action: str | None, precedence: int, destination: str = "web",
+              permissions: list | None = None) -> dict:
+    entry = {"SourceNS": "default", "SourceName": source, "DestinationNS": "default",
+             "DestinationName": destination, "Precedence": precedence}
+    return dict(entry, Action=action) if action else dict(entry, Permissions=permissions)
+
+
+BILLING_PERMISSIONS = [
+    {"Action": "deny", "HTTP": {"PathPrefix": "/admin", "Header": [{"Name": "x-debug", "Present": True}]}},
+    {"Action": "allow", "HTTP": {"PathRegex": "/invoices/[0-9]+", "Methods": ["GET", "HEAD"]}},
+    {"Action": "allow", "HTTP": {"PathExact": "/health", "Header": [
+        {"Name": "user-agent", "Suffix": "probe", "Invert": True}, {"Name": "x-team", "Exact": "a b#$c"}]}},
+]
+FULL_INTENTIONS = [intention("api", "allow", 9), intention("billing", None, 9, permissions=BILLING_PERMISSIONS),
+                   intention("*", "deny", 8), intention("late", "allow", 6, "*")]
 EXAMPLES = {
-    # name: (registration, instances, token)
-    "seed": ("seed_registration.json", "seed_instances.json", None),
-    "full": ("full_registration.json", "full_instances.json", "a-secret-token"),
+    # name: (registration, instances, intentions, the agent's decision for an unnamed caller)
+    "seed": ("seed_registration.json", "seed_instances.json", [], (True, "ACLs disabled, access is allowed by default")),
+    "full": ("full_registration.json", "full_instances.json", FULL_INTENTIONS,
+             (False, "Matched intention: DENY default/* => default/web (ID: 1|2\nX, Precedence: 8)")),
 }
 
 
+def intentions(name: str, http: bool = True) -> meshgen.Intentions:
+    _, _, entries, (allowed, reason) = EXAMPLES[name]
+    listed = [meshgen.parse_intention(entry, f"intentions of web[{i}]") for i, entry in enumerate(entries)]
+    return meshgen.decide(listed, http, allowed, reason)
+
+
 def model(name: str, shuffle: bool = False) -> meshgen.Sidecar:
-    registration_file, instances_file, _ = EXAMPLES[name]
+    registration_file, instances_file, _, _ = EXAMPLES[name]
     registration = json.loads((DATA / registration_file).read_text())
     by_name = json.loads((DATA / instances_file).read_text())
     if shuffle:
@@ -45,9 +67,9 @@ def bundle(name: str, shuffle: bool = False, out_dir: Path | None = None) -> mes
     sidecar = model(name, shuffle)
     certs = meshgen.throwaway_certificates(sidecar.service)
     if out_dir is not None:
-        return meshgen.render(sidecar, certs, AGENT, EXAMPLES[name][2], out_dir, out_dir / "admin.sock")
-    return meshgen.render_into(OUT / ".bundle-0123456789abcdef", sidecar, certs, AGENT,
-                               EXAMPLES[name][2], OUT / "admin.sock")
+        return meshgen.render(sidecar, certs, intentions(name), out_dir, out_dir / "admin.sock")
+    return meshgen.render_into(OUT / ".bundle-0123456789abcdef", sidecar, certs, intentions(name),
+                               OUT / "admin.sock")
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -83,11 +105,6 @@ def test_full_example_carries_every_setting():
         "log 127.0.0.1:5514 local0",                            # syslog_server (seed)
         "bind 127.0.0.1:9102\n    http-request use-service prometheus-exporter",
         "bind 127.0.0.1:9103\n    stats enable",
-        "tcp-request inspect-delay 1500ms",                     # authorize_timeout_ms
-        "set-var proc.meshgen_cache_ttl_ms int(5000)",
-        "set-var proc.meshgen_cache_size int(2048)",
-        "set-var proc.meshgen_grace_ms int(30000)",
-        "set-var proc.meshgen_token_file str(/run/meshgen/.bundle-0123456789abcdef/consul-token)",
         "timeout connect 3000ms",                               # upstream connect_timeout_ms
         "frontend listener_upstream_db\n    bind 127.0.0.1:9191\n    maxconn 100",   # Limits.MaxConnections
         "check check-ssl observe layer4 error-limit 3 on-error mark-down inter 10000ms downinter 30000ms",
@@ -105,8 +122,64 @@ def test_full_example_carries_every_setting():
     ]:
         assert expected in config, expected
     assert "tproxy-synthetic" not in config
-    assert "a-secret-token" not in config
-    assert bundle("full").files[meshgen.TOKEN_FILE] == b"a-secret-token\n"
+
+
+def test_intentions_map_gives_each_named_caller_consuls_first_match_and_the_rest_the_agents_answer():
+    """Consul's order decides: `late` (exact source, * destination, precedence 6) comes after
+    `* => web` (8), so the wildcard decides it, as it decides any unnamed caller; an L7
+    intention gives its caller its rules' tag; the agent's reason is made safe."""
+    lines = [line for line in bundle("full").files["intentions.map"].decode().splitlines()
+             if not line.startswith("#")]
+    assert [line.split(" ", 1)[0] for line in lines] == ["default/api", "default/billing", "*"]
+    assert lines[0].startswith("default/api allow|intention: default/api => default/web (precedence 9)")
+    assert lines[1].startswith("default/billing l7-1|L7 intention: default/billing => default/web")
+    assert lines[2] == ("* deny|no intention names the caller, the agent says: Matched intention: DENY "
+                        "default/* => default/web (ID: 1?2?X, Precedence: 8)")
+
+
+def test_l7_permissions_become_request_rules_in_consuls_order():
+    config = bundle("full").files["haproxy.cfg"].decode()
+    rules = [line.strip() for line in config.splitlines() if "txn.meshgen_l7" in line and "set-var" in line]
+    decided = "if { var(txn.meshgen_decision) -m str l7-1 } !{ var(txn.meshgen_l7) -m found }"
+    assert rules == [
+        f"http-request set-var(txn.meshgen_l7) str(deny:permission-1) {decided} "
+        "{ path -m beg '/admin' } { req.hdr_cnt(x-debug) gt 0 }",
+        f"http-request set-var(txn.meshgen_l7) str(allow:permission-2) {decided} "
+        "{ path -m reg '^(?:/invoices/[0-9]+)$' } { method GET HEAD }",
+        f"http-request set-var(txn.meshgen_l7) str(allow:permission-3) {decided} "
+        "{ path -m str '/health' } !{ req.fhdr(user-agent) -m end 'probe' } { req.fhdr(x-team) -m str 'a b#$c' }",
+        # A `*` intention hides Consul's default from the agent's answer: unknown, so denied.
+        f"http-request set-var(txn.meshgen_l7) str(deny:default) {decided}",
+    ]
+
+
+def test_on_a_tcp_service_an_l7_intention_denies():
+    decided = intentions("full", http=False)
+    assert [d.verdict for d in decided.decisions] == ["allow", "deny", "deny"] and decided.l7 == ()
+
+
+@pytest.mark.parametrize("entry, field", [
+    ({"SourceName": "a\nb", "Action": "allow"}, "SourceName"),
+    ({"SourceName": "api", "Action": "maybe"}, "Action"),
+    ({"SourceName": "api", "SourceNS": "x y", "Action": "allow"}, "SourceNS"),
+    ({"SourceName": "api", "DestinationName": "web\ttrouble", "Action": "allow"}, "DestinationName"),
+    ({"SourceName": "api", "Permissions": [{"Action": "allow", "HTTP": {"PathExact": "/it's"}}]},
+     r"Permissions\[0\]\.HTTP\.PathExact"),
+    ({"SourceName": "api", "Permissions": [{"Action": "allow", "HTTP": {"PathRegex": "(unclosed"}}]},
+     r"Permissions\[0\]\.HTTP\.PathRegex"),
+    ({"SourceName": "api", "Permissions": [{"Action": "allow", "HTTP": {"Header": [
+        {"Name": "x-a", "Exact": "\n    server evil 10.9.9.9:1"}]}}]}, r"Permissions\[0\]\.HTTP\.Header\[0\]\.Exact"),
+    ({"SourceName": "api", "Permissions": [{"Action": "allow", "HTTP": {"Header": [
+        {"Name": "x a", "Present": True}]}}]}, r"Permissions\[0\]\.HTTP\.Header\[0\]\.Name"),
+    ({"SourceName": "api", "Permissions": [{"Action": "allow", "HTTP": {"Header": [
+        {"Name": "x-a", "Exact": "1", "Prefix": "2"}]}}]}, r"Permissions\[0\]\.HTTP\.Header\[0\]"),
+    ({"SourceName": "api", "Permissions": [{"Action": "allow", "HTTP": {"Methods": ["get it"]}}]},
+     r"Permissions\[0\]\.HTTP\.Methods\[0\]"),
+    ({"SourceName": "api", "Permissions": [{"Action": "maybe"}]}, r"Permissions\[0\]\.Action"),
+])
+def test_an_intention_meshgen_cannot_render_safely_is_one_line_naming_its_field(entry, field):
+    with pytest.raises(meshgen.MeshgenError, match=rf"intentions of web\[0\]\.{field}"):
+        meshgen.parse_intention(dict({"DestinationName": "web"}, **entry), "intentions of web[0]")
 
 
 def test_upstream_without_instances_renders_a_backend_without_servers():
@@ -123,12 +196,12 @@ def test_same_input_in_any_order_gives_identical_bytes():
 def test_bundle_name_follows_content():
     sidecar = model("seed")
     certs = meshgen.throwaway_certificates(sidecar.service)
-    same = [meshgen.render(sidecar, certs, AGENT, None, OUT, OUT / "admin.sock") for _ in range(2)]
+    decided = intentions("seed")
+    same = [meshgen.render(sidecar, certs, decided, OUT, OUT / "admin.sock") for _ in range(2)]
     assert same[0] == same[1]
-    other_certs = meshgen.render(sidecar, meshgen.throwaway_certificates("www"), AGENT, None, OUT,
-                                 OUT / "admin.sock")
-    with_token = meshgen.render(sidecar, certs, AGENT, "t", OUT, OUT / "admin.sock")
-    assert len({same[0].name, other_certs.name, with_token.name}) == 3
+    other_certs = meshgen.render(sidecar, meshgen.throwaway_certificates("www"), decided, OUT, OUT / "admin.sock")
+    denying = meshgen.render(sidecar, certs, meshgen.decide([], False, False, "deny"), OUT, OUT / "admin.sock")
+    assert len({same[0].name, other_certs.name, denying.name}) == 3
     assert f"crt /run/meshgen/{same[0].name}/leaf.pem" in same[0].files["haproxy.cfg"].decode()
 
 
@@ -166,7 +239,7 @@ def test_an_app_on_a_unix_socket_keeps_its_expose_paths_on_tcp(haproxy, tmp_path
     proxy["LocalServiceSocketPath"] = "/run/web.sock"
     proxy["Expose"] = {"Paths": [{"ListenerPort": 21500, "Path": "/health", "LocalPathPort": 9102}]}
     sidecar = meshgen.parse_registration(registration, registration["ID"])
-    built = meshgen.render(sidecar, meshgen.throwaway_certificates("www"), AGENT, None, tmp_path,
+    built = meshgen.render(sidecar, meshgen.throwaway_certificates("www"), intentions("seed"), tmp_path,
                            tmp_path / "admin.sock")
     config = built.files["haproxy.cfg"].decode()
     assert "server app unix@/run/web.sock\n" in config

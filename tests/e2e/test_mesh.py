@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 
 import meshgen
-from harness import (HAProxy, Identity, TagServer, agent_version, free_port, meshgen_render, passing_instances,
+from harness import (HAProxy, Identity, TagServer, free_port, meshgen_render, meshgen_run, passing_instances,
                      register_sidecar, served_certificate, talk, wait_listening, wait_passing)
 from real_consul import RealAgent
 
@@ -58,6 +58,14 @@ class Sidecar:
         if code == 3:
             self.haproxy.reload()
         return code == 3
+
+    def render_live(self):
+        """What start.sh does with MESHGEN_LIVE=1: a change goes in live, else a reload."""
+        result = meshgen_run(self.mesh.double, self.proxy_id, self.out, self.mesh.haproxy,
+                             runtime_socket=self.out / "admin.sock")
+        if result.exit_code == 3:
+            self.haproxy.reload()
+        return result
 
 
 class Mesh:
@@ -112,25 +120,23 @@ def until(predicate, timeout: float = 0.5) -> bool:
 
 
 def test_traffic_flows_and_intentions_govern_it(mesh_on_any_agent, redis_server):
-    """Intentions flipped through the agent's API: the deny is logged with the agent's reason,
-    which reads `Matched intention: DENY default/www => default/redis (ID: ...)` on 1.8.7 and
-    `Matched L4 intention: default/www => default/redis (Precedence: 9, Action: DENY)` on current
-    Consul."""
+    """Intentions flipped through the agent's API reach HAProxy with the next render, live: the
+    deny refuses the next connection and is logged with the intention that decided it."""
     mesh = mesh_on_any_agent
     agent, www, redis_name = mesh.double, "www" + mesh.suffix, "redis" + mesh.suffix
-    redis = mesh.sidecar("redis", redis_server, config={"authorize_cache_ttl_ms": 300})
+    redis = mesh.sidecar("redis", redis_server)
     upstream = free_port()
     mesh.www(upstream)
     agent.set_intention(www, redis_name, "allow")
+    assert redis.render_live().applied_live
     assert redis_ping(upstream) == b"+PONG\r\n"
     agent.set_intention(www, redis_name, "deny")
-    assert until(lambda: redis_ping(upstream) is None)
-    if agent_version(agent)[:2] == (1, 8):
-        redis.haproxy.wait_for_log(f"Matched intention: DENY default/{www} => default/{redis_name} (ID: ")
-    else:
-        redis.haproxy.wait_for_log(f"default/{www} => default/{redis_name} (Precedence: 9, Action: DENY)")
+    assert redis.render_live().applied_live
+    assert redis_ping(upstream) is None
+    redis.haproxy.wait_for_log(f"intention: default/{www} => default/{redis_name} (precedence 9): deny")
     agent.set_intention(www, redis_name, "allow")
-    assert until(lambda: redis_ping(upstream) == b"+PONG\r\n")
+    assert redis.render_live().applied_live
+    assert redis_ping(upstream) == b"+PONG\r\n"
 
 
 def test_instances_join_and_leave_with_render_and_reload(mesh, double):

@@ -1,6 +1,7 @@
 """What only a real Consul agent shows, each found on Consul 1.8.7 and each a test: an agent that
-comes back with a new CA at the same indexes, a token that may not read an upstream, the reason
-texts authorize.lua logs. Where the double can model the same fault it runs too."""
+comes back with a new CA at the same indexes, a token that may not read an upstream, and
+intentions decided in HAProxy exactly as the agent decides them. Where the double can model the
+same fault it runs too."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from cryptography import x509
 
 import meshgen
 from harness import (ROOT, agent_env, EchoServer, free_port, HAProxy, Identity, load_seed, meshgen_render,
-                     passing_instances, register_sidecar, run_meshgen, snapshot, talk)
+                     meshgen_run, passing_instances, register_sidecar, run_meshgen, snapshot, talk)
 from real_consul import ConsulProcess, RealAgent
 
 
@@ -128,31 +129,67 @@ def test_a_token_that_cannot_read_an_upstream_is_an_error_not_an_empty_backend(a
     assert not (tmp_path / "out" / meshgen.LIVE).exists()
 
 
-def test_intentions_of_a_real_agent_decide_and_its_reasons_are_logged_decoded(real_consul, haproxy, tmp_path):
-    """authorize.lua against a real agent: an allow lets the caller in, a deny refuses it, and
-    the reason reads as Consul wrote it (`=>`, not the JSON escape `\\u003e`)."""
+# Intention sets, each a list of (source, destination, action), callers c0..c11 and the
+# sidecar's service "web" (all suffixed): exact allow and deny, `*` allow and deny, exact over
+# wildcard, a source's `c => *` under `* => web`, and none.
+INTENTION_MATRIX = {
+    "none": [],
+    "exact allow and deny": [("c0", "web", "allow"), ("c1", "web", "deny")],
+    "* allow": [("*", "web", "allow")],
+    "* deny": [("*", "web", "deny")],
+    "exact over * deny": [("*", "web", "deny"), ("c0", "web", "allow"), ("c1", "web", "allow")],
+    "exact over * allow": [("*", "web", "allow"), ("c2", "web", "deny"), ("c3", "web", "deny")],
+    "source to * under * => web": [("c4", "*", "allow"), ("c5", "*", "deny"), ("*", "web", "deny")],
+    "source to * alone": [("c4", "*", "deny"), ("c6", "web", "allow")],
+}
+CALLERS = [f"c{i}" for i in range(12)]
+
+
+@pytest.mark.parametrize("acls", ["off", "on, default deny"])
+def test_meshgen_decides_every_caller_as_the_real_agent_does(acls, haproxy, tmp_path, request, monkeypatch):
+    """For each intention set, each of 12 callers connects: let in or refused by HAProxy, from
+    intentions.map alone, and the agent's authorize endpoint is asked the same. 0
+    disagreements, and both outcomes seen."""
+    agent = request.getfixturevalue("real_consul" if acls == "off" else "real_consul_acl")
+    if agent.token:
+        monkeypatch.setenv("CONSUL_HTTP_TOKEN", agent.token)
     suffix = "-" + uuid.uuid4().hex[:6]
-    web, api = "web" + suffix, "api" + suffix
+    named = {name: name + suffix if name != "*" else "*" for name in CALLERS + ["web", "*"]}
     echo, port = EchoServer(), free_port()
-    proxy_id = register_sidecar(real_consul, web, port, echo.port, {"authorize_cache_ttl_ms": 0})
+    proxy_id = register_sidecar(agent, named["web"], port, echo.port)
     out = tmp_path / "out"
-    assert meshgen_render(real_consul, proxy_id, out, haproxy) == 3
+    assert meshgen_render(agent, proxy_id, out, haproxy) == 3
     process = HAProxy(haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=port)
+    identities = {name: Identity.from_agent(agent, tmp_path / "ids", named[name]) for name in CALLERS}
+    clients = {name: identity.context() for name, identity in identities.items()}
+    uris = {name: x509.load_pem_x509_certificate(identity.cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)[0]
+        for name, identity in identities.items()}
+    disagreements, outcomes, current = [], set(), []
     try:
-        client = Identity.from_agent(real_consul, tmp_path / "ids", api).context()
-        real_consul.set_intention(api, web, "allow")
-        assert talk(port, client) == b"ping\n"
-        real_consul.set_intention(api, web, "deny")
-        assert talk(port, client) is None
-        log = process.wait_for_log("authz=deny")
-        assert f"Matched intention: ALLOW default/{api} => default/{web}" in log
-        assert f"Matched intention: DENY default/{api} => default/{web}" in log
-        assert "\\u003e" not in log
+        for case, intentions in INTENTION_MATRIX.items():
+            for source, destination in current:
+                agent.delete_intention(source, destination)
+            current = [(named[s], named[d]) for s, d, _ in intentions]
+            for source, destination, action in intentions:
+                agent.set_intention(named[source], named[destination], action)
+            result = meshgen_run(agent, proxy_id, out, haproxy, runtime_socket=out / "admin.sock")
+            assert result.applied_live or not result.changed, (case, result)
+            for caller in CALLERS:
+                let_in = talk(port, clients[caller]) == b"ping\n"
+                answer = agent.call("POST", "/v1/agent/connect/authorize", json={
+                    "Target": named["web"], "ClientCertURI": uris[caller]}).json()
+                outcomes.add(let_in)
+                if let_in != answer["Authorized"]:
+                    disagreements.append((case, caller, let_in, answer["Reason"]))
     finally:
         process.stop()
         echo.close()
-        real_consul.delete_intention(api, web)
-        real_consul.deregister(web)
+        for source, destination in current:
+            agent.delete_intention(source, destination)
+        agent.deregister(proxy_id.removesuffix("-sidecar-proxy"))
+    assert disagreements == []
+    assert outcomes == {True, False}
 
 
 DEFINITIONS = {

@@ -134,6 +134,35 @@ def test_agent_down_then_back_is_picked_up_without_a_restart(shell, mesh, double
     assert script.stop() == 0
 
 
+def test_a_revoked_intention_refuses_new_connections_without_a_reload(shell, agent, any_haproxy, tmp_path):
+    """start.sh's --wait wakes on the intentions' index (on 1.8.7, the list endpoint's: its match
+    endpoint has none), and the new decision goes in live. How fast is
+    benchmarks/authorize_bench.py's figure; here 10 s only bounds a hang."""
+    web, api = "web" + agent.suffix, "api" + agent.suffix
+    echo, port = EchoServer(), free_port()
+    register_sidecar(agent, web, port, echo.port)
+    agent.set_intention(api, web, "allow")
+    client = Identity.from_agent(agent, tmp_path / "ids", api).context()
+    script = StartSh(shell, agent, any_haproxy, tmp_path / "out", tmp_path / "start.log", MESHGEN_SERVICE_ID=web)
+    try:
+        wait_listening(port, script.process)
+        assert talk(port, client) == b"ping\n"
+        for action, outcome in (("deny", None), ("allow", b"ping\n")):
+            agent.set_intention(api, web, action)
+            changed = time.monotonic()
+            while talk(port, client) != outcome:
+                assert time.monotonic() - changed < 10, script.log()
+                time.sleep(0.02)
+        assert "reloading HAProxy" not in script.log() and script.log().count("starting HAProxy") == 1
+        assert script.stop() == 0
+    finally:
+        script.stop()
+        echo.close()
+        if isinstance(agent, RealAgent):
+            agent.delete_intention(api, web)
+            agent.deregister(web)
+
+
 def test_without_a_service_id_it_stops_at_once(shell, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MESHGEN_SERVICE_ID"}
     result = subprocess.run([*shell, str(ROOT / "start.sh")], env=env, capture_output=True, text=True,

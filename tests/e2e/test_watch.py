@@ -120,7 +120,8 @@ def test_an_idle_wait_asks_each_endpoint_once_per_period(seeded):
     # same index, then the blocking one.
     assert asked == {"/v1/agent/service/www-sidecar-proxy": periods, "/v1/agent/connect/ca/roots": 2 * periods,
                      "/v1/agent/connect/ca/leaf/www": periods, "/v1/health/connect/redis": periods,
-                     "/v1/agent/services": periods}     # --sidecar-for looks the sidecar up first
+                     "/v1/agent/services": periods,     # --sidecar-for looks the sidecar up first
+                     "/v1/connect/intentions": periods}
 
 
 def test_an_index_that_goes_backwards_is_reset(seeded):
