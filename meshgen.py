@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import click
 import jinja2
@@ -191,19 +191,34 @@ class _UnixSocketPool(urllib3.HTTPConnectionPool):
 
 
 class UpstreamKey(NamedTuple):
-    """What identifies an upstream, as Consul keeps upstreams unique; written as one string
-    (`service|redis||`) in the state file."""
+    """What identifies an upstream, as Consul keeps upstreams unique."""
     kind: str                 # service | prepared_query
     name: str
     datacenter: str = ""
     peer: str = ""
 
+
+class Query(NamedTuple):
+    """One read of the agent whose answer a run renders from, and a later --wait blocks on (or
+    polls, when it cannot block): a discovery chain, a target's instances, a prepared query.
+    Written into the state file as its JSON."""
+    method: str               # GET, or POST (a discovery chain with overrides)
+    path: str
+    params: tuple             # ((name, value), ...)
+    body: str = ""            # JSON, for POST
+    blocks: bool = True       # False: polled (prepared queries cannot block)
+
     def __str__(self) -> str:
-        return "|".join(self)
+        return json.dumps(list(self))
 
     @classmethod
-    def parse(cls, text: str) -> "UpstreamKey":
-        return cls(*text.split("|"))
+    def parse(cls, text: str) -> "Query":
+        method, path, params, body, blocks = json.loads(text)
+        return cls(method, path, tuple(tuple(p) for p in params), body, blocks)
+
+    def ask(self, client: "ConsulClient", extra: dict | None = None) -> "Reply":
+        return client.request(self.method, self.path, dict(self.params, **(extra or {})),
+                              json.loads(self.body) if self.body else None)
 
 
 @dataclass(frozen=True)
@@ -315,26 +330,36 @@ def fetch_registration(client: ConsulClient, proxy_id: str) -> dict:
 
 @dataclass(frozen=True)
 class AgentData:
-    """What the agent said, still raw: the model step validates it. Each Reply keeps the index
-    Consul gave it, for the next run's --wait."""
+    """What the agent said. The roots, leaf and intentions are still raw (the model step checks
+    them); each upstream's discovery chain is checked already, since it names the targets whose
+    instances were fetched next. Each Reply keeps the index Consul gave it, for --wait."""
     roots: Reply
     leaf: Reply
-    instances: dict  # Upstream.key -> Reply holding a list of health entries
     intentions: Reply | AgentUnavailable   # of this service, highest precedence first; or why not
+    chains: dict      # UpstreamKey -> Chain, for upstreams that follow one
+    answers: dict     # Query -> Reply: each chain's, each target's instances, each prepared query's
 
 
 def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstream, ...],
                      workers: int = 8) -> AgentData:
-    """The independent requests of one run, in parallel. Eight workers: with more, Python's
-    threads spend the time handing the interpreter lock around (1000 upstreams: 2.3 s with 8,
-    2.6 s with 16, 2.5 s with 4 on this 2-core machine)."""
+    """The requests of one run, in parallel, in two rounds: the chains name the targets whose
+    instances the second round fetches. Eight workers: with more, Python's threads spend the
+    time handing the interpreter lock around (1000 upstreams: 2.3 s with 8, 2.6 s with 16,
+    2.5 s with 4 on this 2-core machine)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         roots = pool.submit(client.get, "/v1/agent/connect/ca/roots")
         leaf = pool.submit(client.get, f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}")
         intentions = pool.submit(fetch_intentions, client, service)
-        instances = {u.key: pool.submit(fetch_instances, client, u.key) for u in upstreams}
-        return AgentData(roots.result(), leaf.result(),
-                         {key: future.result() for key, future in instances.items()}, intentions.result())
+        chained = [u for u in upstreams if u.follows_chain]
+        firsts = {q: pool.submit(fetch_chain if q.path.startswith(CHAIN_PATH) else fetch_instances, client, q)
+                  for q in [chain_query(u) for u in chained] + [direct_query(u) for u in upstreams
+                                                                 if not u.follows_chain]}
+        answers = {q: future.result() for q, future in firsts.items()}
+        chains = {u.key: parse_chain(answers[chain_query(u)].data, u) for u in chained}
+        targets = sorted({t.query for chain in chains.values() for t in chain.targets})
+        seconds = {q: pool.submit(fetch_instances, client, q) for q in targets}
+        answers.update((q, future.result()) for q, future in seconds.items())
+        return AgentData(roots.result(), leaf.result(), intentions.result(), chains, answers)
 
 
 INTENTIONS_PATH = "/v1/connect/intentions"
@@ -373,33 +398,54 @@ def fetch_default_decision(client: ConsulClient, service: str, caller_uri: str) 
     return data["Authorized"], reason if isinstance(reason, str) else ""
 
 
-def instances_request(key: UpstreamKey) -> tuple[str, dict]:
-    """Path and query of an upstream's healthy instances: health/connect for a service (blocking
-    queries work there), the execute endpoint for a prepared query (they do not)."""
-    params = {"dc": key.datacenter} if key.datacenter else {}
-    if key.kind == "prepared_query":
-        return f"/v1/query/{quote(key.name, safe='')}/execute", dict(params, connect="true")
-    if key.peer:
-        params["peer"] = key.peer
-    # ?cached: the agent answers from its cache, and with the servers out of reach it keeps
-    # answering with the last instances it knew (Consul's integration guide: "fail static").
-    return f"/v1/health/connect/{quote(key.name, safe='')}", dict(params, passing="", cached="")
+CHAIN_PATH = "/v1/discovery-chain/"
 
 
-def fetch_instances(client: ConsulClient, key: UpstreamKey, extra: dict | None = None) -> Reply:
-    path, params = instances_request(key)
-    reply = client.get(path, dict(params, **(extra or {})))
-    entries = reply.data.get("Nodes") if key.kind == "prepared_query" and isinstance(reply.data, dict) \
-        else reply.data
+def chain_query(upstream: Upstream) -> Query:
+    """The upstream's compiled discovery chain, as Consul compiles it for Envoy: the upstream's
+    own protocol and connect timeout, where its Config sets them, override the chain's. Cached:
+    with its servers out of reach, the agent answers with the last chain it knew."""
+    overrides = {key: value for key, value in (
+        ("OverrideProtocol", upstream.protocol), ("OverrideConnectTimeout",
+                                                  f"{upstream.connect_timeout_ms}ms" if upstream.connect_timeout_ms else None))
+        if value}
+    params = (("compile-dc", upstream.datacenter),) if upstream.datacenter else ()
+    return Query("POST" if overrides else "GET", CHAIN_PATH + quote(upstream.name, safe=""), params + (("cached", ""),),
+                 json.dumps(overrides, sort_keys=True) if overrides else "")
+
+
+def fetch_chain(client: ConsulClient, query: Query, extra: dict | None = None) -> Reply:
+    reply = query.ask(client, extra)
+    if not isinstance(reply.data, dict) or not isinstance(reply.data.get("Chain"), dict):
+        raise MeshgenError(f"{query.method} {query.path}: expected a JSON object with a Chain")
+    return reply
+
+
+def direct_query(upstream: Upstream) -> Query:
+    """The instances of an upstream that follows no chain: a prepared query's (which cannot
+    block, so it is polled), or a peer's."""
+    params = (("dc", upstream.datacenter),) if upstream.datacenter else ()
+    if upstream.kind == "prepared_query":
+        return Query("GET", f"/v1/query/{quote(upstream.name, safe='')}/execute", params + (("connect", "true"),),
+                     blocks=False)
+    return Query("GET", f"/v1/health/connect/{quote(upstream.name, safe='')}",
+                 params + (("peer", upstream.peer), ("passing", ""), ("cached", "")))
+
+
+def fetch_instances(client: ConsulClient, query: Query, extra: dict | None = None) -> Reply:
+    reply = query.ask(client, extra)
+    prepared = query.path.startswith("/v1/query/")
+    entries = reply.data.get("Nodes") if prepared and isinstance(reply.data, dict) else reply.data
     if entries is None:
         entries = []
     if not isinstance(entries, list):
-        raise MeshgenError(f"GET {path}: expected a JSON list of health entries")
+        raise MeshgenError(f"GET {query.path}: expected a JSON list of health entries")
     # Current Consul says when ACLs filtered the answer; 1.8.7 says nothing, but answers
     # index 1 (which no written table has) and does not block on it.
-    if not entries and key.kind == "service" and (reply.filtered_by_acls or reply.index == 1):
-        raise MeshgenError(f"GET {path}: the agent hid the instances of upstream {key.name!r}: the token "
-                           f"cannot read them (it needs service:read on {key.name!r} and its sidecars, "
+    if not entries and not prepared and (reply.filtered_by_acls or reply.index == 1):
+        name = unquote(query.path.rsplit("/", 1)[1])
+        raise MeshgenError(f"GET {query.path}: the agent hid the instances of {name!r}: the token "
+                           f"cannot read them (it needs service:read on {name!r} and its sidecars, "
                            "and node:read)")
     return Reply(entries, reply.index)
 
@@ -407,8 +453,8 @@ def fetch_instances(client: ConsulClient, key: UpstreamKey, extra: dict | None =
 # =========================================================================== wait for a change
 #
 # `render --wait` blocks, all at once, on what the previous run saw: the registration by its
-# ContentHash, the roots, the leaf, the intentions and each upstream's health by index. A
-# prepared query cannot block, so it is polled. The previous run's markers live beside the
+# ContentHash, the roots, the leaf, the intentions, each upstream's discovery chain and each of
+# its targets' instances by index. A prepared query cannot block, so it is polled. The previous run's markers live beside the
 # bundle (STATE_FILE).
 
 
@@ -420,7 +466,7 @@ class WatchState:
     roots_index: int
     active_root_id: str        # a restarted agent can bring a new CA at the same roots index
     leaf_index: int
-    instances: dict            # str(UpstreamKey) -> health index, or a digest for a query
+    queries: dict              # str(Query) -> its index, or a digest when it is polled
     intentions_index: int
     intentions_seen: list      # the match list, and the agent's answer for an unnamed caller:
     unnamed_caller: list       # kept in force while the agent cannot read them
@@ -432,13 +478,13 @@ class WatchState:
                intentions: tuple[int, list, list], loaded_bundle: str) -> "WatchState":
         return cls(proxy_id, sidecar.service, str(registration.get("ContentHash", "")),
                    data.roots.index or 0, str(data.roots.data.get("ActiveRootID", "")), data.leaf.index or 0,
-                   {str(key): _marker(key, reply) for key, reply in sorted(data.instances.items())},
+                   {str(query): _marker(query, reply) for query, reply in sorted(data.answers.items())},
                    *intentions, sidecar.max_connection_lifetime_ms, loaded_bundle)
 
 
-def _marker(key: UpstreamKey, reply: Reply):
+def _marker(query: Query, reply: Reply):
     """What tells a change: the index, or for a prepared query (no index) a digest of the answer."""
-    if key.kind == "prepared_query":
+    if not query.blocks:
         return hashlib.sha256(json.dumps(reply.data, sort_keys=True).encode()).hexdigest()
     return reply.index or 0
 
@@ -518,12 +564,13 @@ def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, pol
         (lambda index, wait: _intentions_index(client, index, wait), state.intentions_index),
     ]
     polled = []
-    for name, marker in sorted(state.instances.items()):
-        key = UpstreamKey.parse(name)
-        if key.kind == "prepared_query" or len(watches) >= max_blocking:
-            polled.append((key, marker))
+    for text, marker in sorted(state.queries.items()):
+        query = Query.parse(text)
+        fetch = fetch_chain if query.path.startswith(CHAIN_PATH) else fetch_instances
+        if not query.blocks or len(watches) >= max_blocking:
+            polled.append((query, fetch, marker))
         else:
-            watches.append((lambda index, wait, key=key: fetch_instances(client, key, dict(wait, index=index)).index,
+            watches.append((lambda index, wait, query=query, fetch=fetch: fetch(client, query, dict(wait, index=index)).index,
                             marker))
     for ask, marker in watches:
         threading.Thread(target=block, args=(ask, marker), daemon=True).start()
@@ -539,7 +586,7 @@ def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, pol
         if time.monotonic() >= next_poll:
             next_poll = time.monotonic() + poll_interval
             try:
-                if any(_marker(key, fetch_instances(client, key)) != marker for key, marker in polled):
+                if any(_marker(query, fetch(client, query)) != marker for query, fetch, marker in polled):
                     return True
             except MeshgenError:
                 return True
@@ -698,6 +745,48 @@ class _Speaks:
 
 
 @dataclass(frozen=True)
+class Retries:
+    """A route's retry policy, as Consul gives it to Envoy: `count` more tries when one of `on`
+    happens (HAProxy's retry-on keywords)."""
+    count: int
+    on: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One HAProxy backend of an upstream: one resolver of its discovery chain (the only one,
+    for an upstream with no config entries), or a prepared query's answer. Its servers are the
+    instances of the first of its targets that has any: the resolver's own target, then its
+    failover targets in order."""
+    name: str
+    connect_timeout_ms: int
+    identities: tuple[str, ...]          # the services whose certificates may answer
+    targets: tuple[str, ...] = ()        # Consul's target IDs: the resolver's, then its failover
+    serving: str = ""                    # the target whose instances these are; "" for none
+    retries: Retries | None = None
+    request_timeout_ms: int | None = None    # a route's RequestTimeout: HTTP's timeout server
+    instances: tuple[Instance, ...] = ()
+    about: tuple[str, ...] = ()          # haproxy.cfg's comment: the targets, unless the default one
+
+
+@dataclass(frozen=True)
+class Split:
+    backend: str
+    weight: str               # as Consul wrote it, in percent
+    below: int | None         # taken while the request's draw (0 to 9999) is below this; None: the rest
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route of the chain's router, in its order: the first whose matches all hold takes the
+    request. The last catches all, and has no matches."""
+    label: str                            # route-1, route-2, ...
+    matches: tuple[Match, ...]
+    splits: tuple[Split, ...]
+    rewrite: tuple[str, str] | None = None    # replace-path's regex and replacement
+
+
+@dataclass(frozen=True)
 class Upstream(_Speaks):
     kind: str                     # service | prepared_query
     name: str
@@ -705,12 +794,13 @@ class Upstream(_Speaks):
     peer: str | None
     bind: str                     # ip:port or a unix socket path
     socket_mode: str | None
-    protocol: str
-    connect_timeout_ms: int
+    protocol: str | None          # as Config sets it; None until the chain's is known
+    connect_timeout_ms: int | None    # as Config sets it; None: the chain's
     max_connections: int | None
     passive_health_check: PassiveHealthCheck | None
     advanced_check: str | None
-    instances: tuple[Instance, ...] = ()
+    backends: tuple[Backend, ...] = ()     # once resolved: the first one is the default
+    routes: tuple[Route, ...] = ()         # HTTP routes and splits; none: all to the backend
 
     @property
     def on_socket(self) -> bool:
@@ -721,12 +811,19 @@ class Upstream(_Speaks):
         return UpstreamKey(self.kind, self.name, self.datacenter or "", self.peer or "")
 
     @property
-    def identities(self) -> tuple[str, ...]:
-        """The services whose certificates may answer: the upstream's own name, or for a
-        prepared query the services Consul resolved it to."""
-        if self.kind == "service" or not self.instances:
-            return (self.name,)
-        return tuple(sorted({i.service for i in self.instances}))
+    def default_backend(self) -> str:
+        """Where a request no route rule sends goes: the catch-all route's last split."""
+        return self.routes[-1].splits[-1].backend if self.routes else self.backends[0].name
+
+    @property
+    def follows_chain(self) -> bool:
+        """Whether Consul compiles a discovery chain for it: a service's, not a peer's (1.8.7
+        has no peering) and not a prepared query's."""
+        return self.kind == "service" and not self.peer
+
+    @property
+    def instances(self) -> tuple[Instance, ...]:
+        return tuple(i for backend in self.backends for i in backend.instances)
 
     @property
     def proxy_name(self) -> str:
@@ -874,12 +971,10 @@ def parse_upstream(raw, field: str) -> Upstream | None:
     else:
         bind_host = check_host(raw.get("LocalBindAddress") or "127.0.0.1", f"{field}.LocalBindAddress")
         bind, mode = join_host_port(bind_host, check_port(port, f"{field}.LocalBindPort")), None
-    protocol = config.choice(("protocol", "destination_mode"), PROTOCOLS, "tcp")
+    protocol = config.choice(("protocol", "destination_mode"), PROTOCOLS, None)
     check_field, advanced = config.raw("advanced_check")
     if advanced is not None and advanced != "redis":
         raise MeshgenError(f"{check_field}: {advanced!r} is not a known check (redis)")
-    if advanced == "redis" and protocol != "tcp":
-        raise MeshgenError(f"{check_field}: the redis check needs protocol tcp, not {protocol}")
     max_connections = config.sub("limits").int("max_connections", None, minimum=1)
     return Upstream(
         kind=kind,
@@ -888,7 +983,7 @@ def parse_upstream(raw, field: str) -> Upstream | None:
         peer=check_name(raw["DestinationPeer"], f"{field}.DestinationPeer") if raw.get("DestinationPeer") else None,
         bind=bind, socket_mode=mode.lstrip("0").zfill(3) if mode else None,
         protocol=protocol,
-        connect_timeout_ms=config.int("connect_timeout_ms", 5000, minimum=1),
+        connect_timeout_ms=config.int("connect_timeout_ms", None, minimum=1),
         max_connections=max_connections,
         passive_health_check=_passive_health_check(config.sub("passive_health_check")),
         advanced_check=advanced,
@@ -931,14 +1026,18 @@ def _expose_paths(proxy: dict, bind_host: str) -> list[ExposePath]:
     return paths
 
 
-def parse_instances(upstream: Upstream, entries: list) -> Upstream:
-    """Health entries to dialable instances: Service.Address, else Node.Address (BestAddress)."""
-    field = f"instances of {upstream.proxy_name}"
+def parse_instances(entries: list, field: str) -> tuple[Instance, ...]:
+    """Health entries to dialable instances: Service.Address, else Node.Address (BestAddress).
+    An entry with a critical check is left out; one with a warning counts at its Warning weight
+    (the agent leaves warnings out already where the target asks for passing only)."""
     instances = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("Service"), dict):
             raise MeshgenError(f"{field}[{i}]: expected an object with a Service")
         svc, node = entry["Service"], entry.get("Node") if isinstance(entry.get("Node"), dict) else {}
+        statuses = {c.get("Status") for c in _list(entry.get("Checks"), f"{field}[{i}].Checks") if isinstance(c, dict)}
+        if statuses - {"passing", "warning"}:
+            continue
         if svc.get("SocketPath"):
             address = "unix@" + check_path(svc["SocketPath"], f"{field}[{i}].Service.SocketPath")
         else:
@@ -946,7 +1045,8 @@ def parse_instances(upstream: Upstream, entries: list) -> Upstream:
             address = join_host_port(check_host(host, f"{field}[{i}].Service.Address"),
                                      check_port(svc.get("Port"), f"{field}[{i}].Service.Port"))
         weights = svc.get("Weights") if isinstance(svc.get("Weights"), dict) else {}
-        weight = check_int(weights.get("Passing", 1), f"{field}[{i}].Service.Weights.Passing")
+        which = "Warning" if "warning" in statuses else "Passing"
+        weight = check_int(weights.get(which, 1), f"{field}[{i}].Service.Weights.{which}")
         # A sidecar answers for its destination; a connect-native instance for itself.
         if svc.get("Kind") == "connect-proxy":
             proxy = svc.get("Proxy") if isinstance(svc.get("Proxy"), dict) else {}
@@ -954,14 +1054,278 @@ def parse_instances(upstream: Upstream, entries: list) -> Upstream:
                                  f"{field}[{i}].Service.Proxy.DestinationServiceName")
         else:
             service = check_name(svc.get("Service"), f"{field}[{i}].Service.Service")
-        # HAProxy weights stop at 256; Consul's do not.
-        instances[address] = Instance(address, min(max(weight, 1), 256), service)
-    return dataclasses.replace(upstream, instances=tuple(instances[a] for a in sorted(instances)))
+        # HAProxy weights stop at 256; Consul's do not. A Warning weight of 0 sends nothing.
+        instances[address] = Instance(address, min(max(weight, 1 if which == "Passing" else 0), 256), service)
+    return tuple(instances[a] for a in sorted(instances))
 
 
-def with_instances(sidecar: Sidecar, entries_by_key: dict) -> Sidecar:
-    upstreams = tuple(parse_instances(u, entries_by_key.get(u.key, [])) for u in sidecar.upstreams)
-    return dataclasses.replace(sidecar, upstreams=upstreams)
+# =========================================================================== discovery chain
+#
+# Consul compiles an upstream's service-resolver, service-splitter and service-router entries
+# into one discovery chain (shared/consul-api.md section 12), and asks a proxy to turn its nodes
+# into their nearest native equivalents:
+#   resolver   a backend: the instances of its target (a service, or a subset of it by filter,
+#              in a datacenter), or while it has none, of its first failover target that has
+#              any; its connect timeout. A redirect is compiled in: the target is where it leads.
+#   splitter   weighted use_backend rules on one draw of rand(10000) per request.
+#   router     routes, in order: the first whose matches hold sets the route, which picks the
+#              backend (or split) and rewrites the path prefix; its retries and request
+#              timeout are a backend's settings, so a route with its own gets backends of its own.
+# An upstream with no config entries has one default resolver: one backend, as before.
+
+RETRYABLE_STATUS = (401, 403, 404, 408, 425, 500, 501, 502, 503, 504)    # HAProxy's retry-on codes
+_REWRITE = re.compile(r"/[A-Za-z0-9_./~+-]{0,250}")     # no "%" (log-format) and no "\\" (backrefs)
+_QUERY_MATCHES = (("Exact", "exact"), ("Regex", "regex"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A set of instances the chain sends to: a service, or a subset of it, in a datacenter."""
+    id: str                   # Consul's: [subset.]service.namespace.datacenter
+    service: str
+    datacenter: str
+    namespace: str
+    filter: str               # the subset's filter expression; "" for all instances
+    only_passing: bool        # the subset's OnlyPassing: a warning instance is left out
+
+    @property
+    def query(self) -> Query:
+        # ?cached: the agent answers from its cache, and with the servers out of reach it keeps
+        # answering with the last instances it knew (Consul's integration guide: "fail static").
+        params = [("dc", self.datacenter)]
+        if self.namespace not in ("", "default"):
+            params.append(("ns", self.namespace))
+        if self.filter:
+            params.append(("filter", self.filter))
+        if self.only_passing:
+            params.append(("passing", ""))
+        return Query("GET", f"/v1/health/connect/{quote(self.service, safe='')}", tuple(params) + (("cached", ""),))
+
+
+@dataclass(frozen=True)
+class ChainResolver:
+    node: str
+    targets: tuple[Target, ...]          # its own, then its failover targets in order
+    connect_timeout_ms: int
+
+
+@dataclass(frozen=True)
+class ChainRoute:
+    matches: tuple[Match, ...]
+    splits: tuple[tuple[int, str], ...]  # (weight in hundredths of a percent, resolver node)
+    rewrite: tuple[str, str] | None
+    request_timeout_ms: int | None
+    retries: Retries | None
+
+
+@dataclass(frozen=True)
+class Chain:
+    protocol: str
+    routes: tuple[ChainRoute, ...]       # a chain with no router: one route that catches all
+    resolvers: tuple[ChainResolver, ...]
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        return tuple(t for r in self.resolvers for t in r.targets)
+
+
+def parse_chain(data: dict, upstream: Upstream) -> Chain:
+    """The agent's compiled chain, checked: every node and target it names exists, values are
+    safe for haproxy.cfg."""
+    field = f"discovery chain of {upstream.name}"
+    chain = data["Chain"]
+    protocol = chain.get("Protocol")
+    if protocol not in PROTOCOLS:
+        raise MeshgenError(f"{field}.Protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    nodes, targets = chain.get("Nodes"), chain.get("Targets")
+    if not isinstance(nodes, dict) or not isinstance(targets, dict):
+        raise MeshgenError(f"{field}: Nodes and Targets must be objects")
+
+    def node(name) -> dict:
+        if not isinstance(name, str) or not isinstance(nodes.get(name), dict):
+            raise MeshgenError(f"{field}: node {name!r} is not in Nodes")
+        return nodes[name]
+
+    def splits(name, depth: int = 0) -> list[tuple[int, str]]:
+        """The resolvers a node leads to, by weight out of 10000."""
+        found = node(name)
+        if found.get("Type") == "resolver":
+            return [(10000, name)]
+        if found.get("Type") != "splitter" or depth > 8:
+            raise MeshgenError(f"{field}.Nodes[{name}]: a {found.get('Type')!r} node cannot follow a route or split")
+        led = []
+        for i, split in enumerate(_list(found.get("Splits"), f"{field}.Nodes[{name}].Splits")):
+            if not isinstance(split, dict) or not isinstance(split.get("Weight"), (int, float)) \
+                    or not 0 <= split["Weight"] <= 100:
+                raise MeshgenError(f"{field}.Nodes[{name}].Splits[{i}].Weight: a percentage is expected")
+            led += [(round(split["Weight"] * weight / 100), resolver)
+                    for weight, resolver in splits(split.get("NextNode"), depth + 1)]
+        return led
+
+    start = chain.get("StartNode")
+    if node(start).get("Type") == "router":
+        routes = tuple(parse_route(raw, f"{field}.Nodes[{start}].Routes[{i}]", splits)
+                       for i, raw in enumerate(_list(node(start).get("Routes"), f"{field}.Nodes[{start}].Routes")))
+        if not routes or routes[-1].matches:
+            raise MeshgenError(f"{field}.Nodes[{start}].Routes: the last route must catch every request")
+    else:
+        routes = (ChainRoute((), tuple(splits(start)), None, None, None),)
+    used = sorted({resolver for route in routes for _, resolver in route.splits})
+    return Chain(protocol, routes, tuple(parse_resolver(name, node(name), targets, field) for name in used))
+
+
+def parse_resolver(name: str, raw: dict, targets: dict, field: str) -> ChainResolver:
+    field = f"{field}.Nodes[{name}].Resolver"
+    resolver = raw.get("Resolver")
+    if not isinstance(resolver, dict):
+        raise MeshgenError(f"{field}: not an object")
+    failover = resolver.get("Failover") or {}
+    if not isinstance(failover, dict):
+        raise MeshgenError(f"{field}.Failover: not an object")
+    ids = [resolver.get("Target")] + _list(failover.get("Targets"), f"{field}.Failover.Targets")
+    timeout = resolver.get("ConnectTimeout")
+    return ChainResolver(name, tuple(parse_target(target_id, targets, field) for target_id in ids),
+                         check_duration_ms(timeout, f"{field}.ConnectTimeout") if timeout else 5000)
+
+
+def parse_target(target_id, targets: dict, field: str) -> Target:
+    raw = targets.get(target_id) if isinstance(target_id, str) else None
+    if not isinstance(raw, dict):
+        raise MeshgenError(f"{field}: target {target_id!r} is not in Targets")
+    field = f"{field}: target {target_id}"
+    subset = raw.get("Subset") or {}
+    if not isinstance(subset, dict):
+        raise MeshgenError(f"{field}.Subset: not an object")
+    expression = subset.get("Filter") or ""
+    if not isinstance(expression, str) or len(expression) > 1000:
+        raise MeshgenError(f"{field}.Subset.Filter: not a filter expression")
+    return Target(check_name(target_id, field), check_name(raw.get("Service"), f"{field}.Service"),
+                  check_name(raw.get("Datacenter"), f"{field}.Datacenter"),
+                  check_name(raw.get("Namespace") or "default", f"{field}.Namespace"),
+                  expression, subset.get("OnlyPassing") is True)
+
+
+def parse_route(raw, field: str, splits) -> ChainRoute:
+    """One route of a router node: its matches, where it leads, and its destination's settings."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("Definition"), dict):
+        raise MeshgenError(f"{field}.Definition: not an object")
+    definition = raw["Definition"]
+    match = (definition.get("Match") or {}).get("HTTP") if isinstance(definition.get("Match") or {}, dict) else None
+    http = match or {}
+    if not isinstance(http, dict):
+        raise MeshgenError(f"{field}.Definition.Match.HTTP: not an object")
+    matches = http_matches(http, f"{field}.Definition.Match.HTTP", query_params=True)
+    if matches == (Match("path", "prefix", ("/",)),):
+        matches = ()        # Consul's catch-all
+    destination = definition.get("Destination") or {}
+    if not isinstance(destination, dict):
+        raise MeshgenError(f"{field}.Definition.Destination: not an object")
+    dfield = f"{field}.Definition.Destination"
+    rewrite = destination.get("PrefixRewrite") or None
+    if rewrite is not None:
+        if not isinstance(rewrite, str) or not _REWRITE.fullmatch(rewrite):
+            raise MeshgenError(f"{dfield}.PrefixRewrite: {rewrite!r} is not a path of plain characters")
+        path = next((m for m in matches if m.subject == "path" and m.how in ("prefix", "exact")), None)
+        if path is None:
+            raise MeshgenError(f"{dfield}.PrefixRewrite: needs a PathPrefix or PathExact match")
+        literal = re.escape(path.values[0])
+        rewrite = (f"^{literal}(.*)", rewrite + "\\1") if path.how == "prefix" else (f"^{literal}$", rewrite)
+    timeout = destination.get("RequestTimeout")
+    return ChainRoute(matches, tuple(splits(raw.get("NextNode"))), rewrite,
+                      check_duration_ms(timeout, f"{dfield}.RequestTimeout") or None if timeout else None,
+                      parse_retries(destination, dfield))
+
+
+def parse_retries(destination: dict, field: str) -> Retries | None:
+    """As Consul configures Envoy: the conditions retried on, and NumRetries tries (Envoy's
+    default of one when unset); NumRetries alone retries on nothing."""
+    count = check_int(destination.get("NumRetries") or 0, f"{field}.NumRetries")
+    codes = _list(destination.get("RetryOnStatusCodes"), f"{field}.RetryOnStatusCodes")
+    for i, code in enumerate(codes):
+        if code not in RETRYABLE_STATUS:
+            raise MeshgenError(f"{field}.RetryOnStatusCodes[{i}]: HAProxy retries on "
+                               f"{', '.join(map(str, RETRYABLE_STATUS))} only, not {code!r}")
+    on = ("conn-failure",) if destination.get("RetryOnConnectFailure") is True else ()
+    on += tuple(str(code) for code in sorted(set(codes)))
+    if not count and not on:
+        return None
+    return Retries(count or 1, on or ("none",))
+
+
+def resolve_upstream(upstream: Upstream, chain: Chain | None, answers: dict) -> Upstream:
+    """The upstream with its protocol, backends and routes: from its chain, or for a prepared
+    query or a peer, from the instances its query gave."""
+    if chain is None:
+        instances = parse_instances(answers[direct_query(upstream)].data, f"instances of {upstream.proxy_name}")
+        identities = (upstream.name,) if upstream.kind == "service" or not instances \
+            else tuple(sorted({i.service for i in instances}))
+        resolved = dataclasses.replace(upstream, protocol=upstream.protocol or "tcp", backends=(Backend(
+            upstream.proxy_name, upstream.connect_timeout_ms or 5000, identities, instances=instances),))
+    else:
+        resolved = _chain_backends(dataclasses.replace(upstream, protocol=upstream.protocol or chain.protocol),
+                                   chain, answers)
+    if resolved.routes and not resolved.http:
+        raise MeshgenError(f"discovery chain of {upstream.name}: routes and splits need an HTTP protocol, "
+                           f"not {resolved.protocol}")
+    if resolved.advanced_check == "redis" and resolved.http:
+        raise MeshgenError(f"upstream {upstream.name}: the redis check needs protocol tcp, not {resolved.protocol}")
+    return resolved
+
+
+def _chain_backends(upstream: Upstream, chain: Chain, answers: dict) -> Upstream:
+    resolvers = {r.node: r for r in chain.resolvers}
+    single = len(chain.routes) == 1 and len(chain.routes[0].splits) == 1
+    backends: dict[tuple, Backend] = {}
+
+    def backend(node: str, route: ChainRoute) -> str:
+        key = (node, route.retries, route.request_timeout_ms)
+        if key not in backends:
+            resolver = resolvers[node]
+            name = upstream.proxy_name if single else f"{upstream.proxy_name}:{resolver.targets[0].id}"
+            if route.retries is not None:
+                name += f":retry-{route.retries.count}-{'-'.join(route.retries.on)}"
+            if route.request_timeout_ms is not None:
+                name += f":timeout-{route.request_timeout_ms}ms"
+            serving, instances = "", ()
+            for target in resolver.targets:
+                instances = parse_instances(answers[target.query].data, f"instances of target {target.id}")
+                if instances:
+                    serving = target.id
+                    break
+            ids = tuple(t.id for t in resolver.targets)
+            about = () if ids == (f"{upstream.name}.default.{resolver.targets[0].datacenter}",) else (
+                f"Target {ids[0]}.",) if len(ids) == 1 else (
+                f"Target {ids[0]}; while it has no healthy instance, the first of",
+                f"{', '.join(ids[1:])} that has one: its instances are the servers.")
+            backends[key] = Backend(
+                name, resolver.connect_timeout_ms, tuple(sorted({t.service for t in resolver.targets})),
+                ids, serving, route.retries, route.request_timeout_ms, instances, about)
+        return backends[key].name
+
+    routes = []
+    for number, route in enumerate(chain.routes, 1):
+        total, splits = sum(weight for weight, _ in route.splits), []
+        drawn = 0
+        for i, (weight, node) in enumerate(route.splits):
+            drawn += weight
+            last = i == len(route.splits) - 1
+            splits.append(Split(backend(node, route), f"{weight / 100:g}" if len(route.splits) > 1 else "",
+                                None if last else round(drawn * 10000 / total) if total else 0))
+        routes.append(Route(f"route-{number}", route.matches, tuple(splits), route.rewrite))
+    return dataclasses.replace(upstream, backends=tuple(backends.values()), routes=() if single else tuple(routes))
+
+
+def default_chain(upstream: Upstream, datacenter: str) -> Chain:
+    """The chain Consul compiles for an upstream no config entry names: one default resolver."""
+    target = Target(f"{upstream.name}.default.{datacenter}", upstream.name, datacenter, "default", "", False)
+    node = f"resolver:{target.id}"
+    return Chain(upstream.protocol or "tcp", (ChainRoute((), ((10000, node),), None, None, None),),
+                 (ChainResolver(node, (target,), upstream.connect_timeout_ms or 5000),))
+
+
+def with_chains(sidecar: Sidecar, chains: dict, answers: dict) -> Sidecar:
+    return dataclasses.replace(sidecar, upstreams=tuple(
+        resolve_upstream(u, chains.get(u.key), answers) for u in sidecar.upstreams))
 
 
 # =========================================================================== certificate checks
@@ -1115,11 +1479,11 @@ _HEADER_MATCHES = (("Exact", "exact"), ("Prefix", "prefix"), ("Suffix", "suffix"
 
 @dataclass(frozen=True)
 class Match:
-    """One condition of an HTTP permission, finished for haproxy.cfg to print."""
-    subject: str                 # path, method or header
+    """One condition of an HTTP permission or route, finished for haproxy.cfg to print."""
+    subject: str                 # path, method, header or query (a query parameter)
     how: str                     # exact, prefix, suffix, regex, present; any (of the methods)
     values: tuple[str, ...]      # printable ASCII without "'"; a regex is anchored, as Envoy's
-    header: str = ""
+    header: str = ""             # the header's or query parameter's name
     invert: bool = False
 
 
@@ -1190,33 +1554,53 @@ def parse_permission(raw, field: str) -> tuple[str, tuple[Match, ...]]:
     http = raw.get("HTTP") or {}
     if not isinstance(http, dict):
         raise MeshgenError(f"{field}.HTTP: not an object")
-    matches = [Match("path", how, (_pattern(how, http[key], f"{field}.HTTP.{key}"),))
+    return raw["Action"], http_matches(http, f"{field}.HTTP")
+
+
+def http_matches(http: dict, field: str, query_params: bool = False) -> tuple[Match, ...]:
+    """The conditions of an intention's permission or a router's route (which may also match
+    query parameters): path, methods, headers."""
+    matches = [Match("path", how, (_pattern(how, http[key], f"{field}.{key}"),))
                for key, how in _PATH_MATCHES if http.get(key)]
-    methods = _list(http.get("Methods"), f"{field}.HTTP.Methods")
+    methods = _list(http.get("Methods"), f"{field}.Methods")
     for i, method in enumerate(methods):
         if not isinstance(method, str) or not _METHOD.fullmatch(method):
-            raise MeshgenError(f"{field}.HTTP.Methods[{i}]: {method!r} is not an HTTP method")
+            raise MeshgenError(f"{field}.Methods[{i}]: {method!r} is not an HTTP method")
     if methods:
         matches.append(Match("method", "any", tuple(methods)))
-    matches += [_header_match(header, f"{field}.HTTP.Header[{i}]")
-                for i, header in enumerate(_list(http.get("Header"), f"{field}.HTTP.Header"))]
-    return raw["Action"], tuple(matches)
+    matches += [_header_match(header, f"{field}.Header[{i}]")
+                for i, header in enumerate(_list(http.get("Header"), f"{field}.Header"))]
+    if query_params:
+        matches += [_query_match(param, f"{field}.QueryParam[{i}]")
+                    for i, param in enumerate(_list(http.get("QueryParam"), f"{field}.QueryParam"))]
+    elif http.get("QueryParam"):
+        raise MeshgenError(f"{field}.QueryParam: not a condition here")
+    return tuple(matches)
 
 
-def _header_match(header, field: str) -> Match:
-    if not isinstance(header, dict):
+def _query_match(raw, field: str) -> Match:
+    return _named_match(raw, field, "query", _QUERY_MATCHES)
+
+
+def _header_match(raw, field: str) -> Match:
+    return _named_match(raw, field, "header", _HEADER_MATCHES)
+
+
+def _named_match(raw, field: str, subject: str, kinds: tuple) -> Match:
+    """A header's or query parameter's condition: its name, and exactly one way to match it."""
+    if not isinstance(raw, dict):
         raise MeshgenError(f"{field}: not an object")
-    name = header.get("Name")
+    name = raw.get("Name")
     if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
-        raise MeshgenError(f"{field}.Name: {name!r} is not a header name meshgen can match")
-    kinds = [(key, how) for key, how in _HEADER_MATCHES if header.get(key) not in (None, "")]
-    if header.get("Present") is True:
-        kinds.append(("Present", "present"))
-    if len(kinds) != 1:
-        raise MeshgenError(f"{field}: needs exactly one of Present, Exact, Prefix, Suffix, Regex")
-    key, how = kinds[0]
-    values = () if how == "present" else (_pattern(how, header[key], f"{field}.{key}"),)
-    return Match("header", how, values, header=name, invert=header.get("Invert") is True)
+        raise MeshgenError(f"{field}.Name: {name!r} is not a {subject} name meshgen can match")
+    found = [(key, how) for key, how in kinds if raw.get(key) not in (None, "")]
+    if raw.get("Present") is True:
+        found.append(("Present", "present"))
+    if len(found) != 1:
+        raise MeshgenError(f"{field}: needs exactly one of Present, {', '.join(key for key, _ in kinds)}")
+    key, how = found[0]
+    values = () if how == "present" else (_pattern(how, raw[key], f"{field}.{key}"),)
+    return Match(subject, how, values, header=name, invert=subject == "header" and raw.get("Invert") is True)
 
 
 def parse_intention(entry, field: str) -> Intention:
@@ -2046,7 +2430,7 @@ def _fetch_model(client: ConsulClient, proxy_id: str, previous: WatchState | Non
     sidecar = parse_registration(registration, proxy_id)
     data = fetch_agent_data(client, sidecar.service, sidecar.upstreams)
     certs = check_certificates(data.roots.data, data.leaf.data, sidecar.service, dt.datetime.now(dt.timezone.utc))
-    sidecar = with_instances(sidecar, {key: reply.data for key, reply in data.instances.items()})
+    sidecar = with_chains(sidecar, data.chains, data.answers)
     notes = ()
     try:
         if isinstance(data.intentions, AgentUnavailable):
@@ -2182,7 +2566,7 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
     plan = None
     if changed and request.runtime_socket is not None and live is not None:
         plan = plan_live_change(live_files, out_dir.resolve() / live, bundle, out_dir.resolve() / bundle.name,
-                                out_dir.resolve() / loaded, {u.proxy_name for u in sidecar.upstreams})
+                                out_dir.resolve() / loaded, {b.name for u in sidecar.upstreams for b in u.backends})
     why_not = None if plan is None else apply_live(
         RuntimeAPI(request.runtime_socket), out_dir, loaded, plan, _probe_address(sidecar.public_bind),
         certs.serial_number)
@@ -2282,7 +2666,17 @@ def show(as_json: bool, **consul):
         "proxy_id": sidecar.proxy_id, "service": sidecar.service, "protocol": sidecar.protocol,
         "public_listener": sidecar.public_bind, "local_app": sidecar.local_app,
         "upstreams": [{"name": u.proxy_name, "listen": u.bind, "protocol": u.protocol,
-                       "instances": [{"address": i.address, "weight": i.weight} for i in u.instances]}
+                       "instances": [{"address": i.address, "weight": i.weight} for i in u.instances],
+                       "routes": [{"route": r.label, "when": [_describe(m) for m in r.matches] or ["any request"],
+                                   "rewrite": list(r.rewrite) if r.rewrite else None,
+                                   "splits": [{"backend": s.backend, "weight": s.weight or "100"} for s in r.splits]}
+                                  for r in u.routes],
+                       "backends": [{"name": b.name, "targets": list(b.targets), "serving": b.serving,
+                                     "connect_timeout_ms": b.connect_timeout_ms,
+                                     "request_timeout_ms": b.request_timeout_ms,
+                                     "retries": dataclasses.asdict(b.retries) if b.retries else None,
+                                     "instances": [{"address": i.address, "weight": i.weight} for i in b.instances]}
+                                    for b in u.backends]}
                       for u in sidecar.upstreams],
         "leaf": {"spiffe_id": certs.spiffe_id, "serial": certs.serial,
                  "not_after": certs.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")},
@@ -2301,10 +2695,24 @@ def show(as_json: bool, **consul):
     for u in sidecar.upstreams:
         click.echo(f"upstream    {u.proxy_name}  listen {u.bind}  {u.protocol}  "
                    f"{len(u.instances)} healthy instance(s)")
-        for i in u.instances:
-            click.echo(f"  instance  {i.address}  weight {i.weight}")
+        for r in u.routes:
+            splits = ", ".join(f"{s.weight or '100'}% {s.backend}" for s in r.splits)
+            rewrite = f"  rewrite {r.rewrite[0]} -> {r.rewrite[1]}" if r.rewrite else ""
+            click.echo(f"  {r.label}   {' and '.join(map(_describe, r.matches)) or 'any request'} -> {splits}{rewrite}")
+        for b in u.backends:
+            failover = f"  failover {', '.join(b.targets[1:])}" if len(b.targets) > 1 else ""
+            click.echo(f"  backend   {b.name}  target {b.targets[0] if b.targets else u.name}{failover}  "
+                       f"serving {b.serving or 'none'}  connect timeout {b.connect_timeout_ms} ms")
+            for i in b.instances:
+                click.echo(f"    instance  {i.address}  weight {i.weight}")
     for d in intentions.decisions:
         click.echo(f"intention   {d.caller}  {d.verdict}  {d.reason}")
+
+
+def _describe(match: Match) -> str:
+    """A route's condition as `show` prints it."""
+    subject = {"path": "path", "method": "method"}.get(match.subject, f"{match.subject} {match.header}")
+    return f"{'not ' if match.invert else ''}{subject} {match.how} {' '.join(match.values)}".strip()
 
 
 @cli.command("status", epilog=STATUS_EXIT_CODES_HELP)
@@ -2342,6 +2750,11 @@ def check(ctx, definition: Path, haproxy: str):
     registration = expand_definition(data, str(definition))
     proxy_id = str(registration.get("ID", "sidecar"))
     sidecar = parse_registration(registration, proxy_id)
+    # Config entries and instances are Consul's: checked as an upstream with neither renders.
+    chains = {u.key: default_chain(u, u.datacenter or "dc1") for u in sidecar.upstreams if u.follows_chain}
+    answers = {q: Reply([], None) for q in [t.query for c in chains.values() for t in c.targets] +
+               [direct_query(u) for u in sidecar.upstreams if not u.follows_chain]}
+    sidecar = with_chains(sidecar, chains, answers)
     certs = throwaway_certificates(sidecar.service)
     with tempfile.TemporaryDirectory(prefix="meshgen-check-") as scratch:
         # Intentions come from Consul at render time; any decision checks the same config.

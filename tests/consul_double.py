@@ -260,6 +260,8 @@ class ConsulDouble:
         self.queries: dict[str, str] = {}          # prepared query name -> service name
         self.intentions: list[tuple[str, str, str, bool]] = []
         self.intentions_index = 1
+        self.config_entries: dict[tuple[str, str], dict] = {}    # (Kind, Name) -> the entry
+        self.config_index = 1
         self.default_intention_policy: str | None = None
         self.acl_enabled, self.acl_default_policy = False, "allow"
         self.tokens: dict[str, Token] = {}
@@ -457,7 +459,7 @@ class ConsulDouble:
 
     def add_instance(self, destination: str, address: str, port: int, *, node: str = "node-2",
                      address_on_node: bool = False, status: str = "passing", weight: int = 1,
-                     datacenter: str | None = None, service_id: str | None = None) -> str:
+                     datacenter: str | None = None, service_id: str | None = None, meta: dict | None = None) -> str:
         """A remote sidecar of `destination` in the catalog. With `address_on_node` the service
         address is empty and `address` is the node's, to exercise BestAddress's fallback."""
         with self.lock:
@@ -466,7 +468,7 @@ class ConsulDouble:
                             Address=address if address_on_node else "10.0.0.12",
                             Datacenter=datacenter or self.datacenter)
             svc = {"Kind": "connect-proxy", "ID": sid, "Service": f"{destination}-sidecar-proxy",
-                   "Tags": [], "Meta": {}, "Port": port, "Address": "" if address_on_node else address,
+                   "Tags": [], "Meta": dict(meta or {}), "Port": port, "Address": "" if address_on_node else address,
                    "Weights": {"Passing": weight, "Warning": 1}, "EnableTagOverride": False,
                    "Proxy": {"DestinationServiceName": destination, "DestinationServiceID": destination,
                              "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 1,
@@ -705,6 +707,9 @@ class ConsulDouble:
             (r"/v1/catalog/connect/(.*)", ("GET",), self._catalog_ep),
             (r"/v1/query/([^/]+)/execute", ("GET",), self._query_ep),
             (r"/v1/agent/self", ("GET",), self._self_ep),
+            (r"/v1/discovery-chain/(.+)", ("GET", "POST"), self._chain_ep),
+            (r"/v1/config", ("PUT",), self._config_put_ep),
+            (r"/v1/config/(.+)", ("GET", "DELETE"), self._config_ep),
             (r"/v1/connect/intentions/exact", ("PUT", "DELETE"), self._intention_ep),
             (r"/v1/connect/intentions/match", ("GET",), self._intentions_match_ep),
             (r"/v1/connect/intentions", ("GET", "POST"), self._intentions_ep),
@@ -717,7 +722,7 @@ class ConsulDouble:
                     raise HTTPError(405, f"method {method} not allowed",
                                     {"Allow": ",".join(("OPTIONS",) + methods)})
                 arg = unquote(match.group(1)) if match.groups() else None
-                if handler in (self._intentions_ep, self._intention_by_id_ep):   # one route, several methods
+                if handler in (self._intentions_ep, self._intention_by_id_ep, self._config_ep, self._chain_ep):
                     return functools.partial(handler, method), arg
                 return handler, arg
         raise HTTPError(404, "Invalid URL path: not a recognized HTTP API endpoint\n")
@@ -820,6 +825,8 @@ class ConsulDouble:
                 continue
             if passing and any(c["Status"] != "passing" for c in inst.checks):
                 continue
+            if "filter" in query and not _filter(query["filter"])({"Service": inst.service, "Node": inst.node}):
+                continue
             if not self._allowed(token, inst.service["Service"], "read"):
                 continue
             entries.append({"Node": inst.node, "Service": inst.service, "Checks": inst.checks})
@@ -831,7 +838,7 @@ class ConsulDouble:
         self._check_dc(query)
         _parse_passing(query)
         self._block(lambda: self.health_index.get(name, self.unserved_index), query)
-        key = (name, query.get("dc"), _parse_passing(query), secret, "pretty" in query)
+        key = (name, query.get("dc"), _parse_passing(query), query.get("filter"), secret, "pretty" in query)
         if key not in self.health_bodies:
             self.health_bodies[key] = _encode(self._health_entries(name, query, secret), "pretty" in query)
         headers = _meta(self.health_index.get(name, self.unserved_index))
@@ -958,11 +965,142 @@ class ConsulDouble:
         matching.sort(key=lambda entry: -entry["Precedence"])
         return 200, {name: matching}, _meta(self.intentions_index)
 
+    # ------------------------------------------------------------------ config entries, chains
+    # Config entries as `PUT /v1/config` takes them, and the discovery chain Consul compiles
+    # from them (section 12): resolvers (subsets, default subset, redirect, failover, connect
+    # timeout), splitters and routers, for one datacenter and the default namespace.
+
+    def set_config(self, entry: dict) -> None:
+        kind, name = entry["Kind"], entry["Name"]
+        if kind in ("service-splitter", "service-router") and self._protocol(name) == "tcp":
+            raise HTTPError(500, f'discovery chain "{name}" uses a protocol "tcp" that does not permit '
+                                 "advanced routing or splitting")
+        with self.lock:
+            self.config_entries[kind, name] = entry
+            self.config_index = self._bump()
+            self.lock.notify_all()
+
+    def delete_config(self, kind: str, name: str) -> None:
+        with self.lock:
+            self.config_entries.pop((kind, name), None)
+            self.config_index = self._bump()
+            self.lock.notify_all()
+
+    def _config_put_ep(self, _, query, secret, body):
+        self._require(self._token(secret), "", "write")
+        entry = json.loads(body or b"{}")
+        if not entry.get("Kind") or not entry.get("Name"):
+            raise HTTPError(400, "Request decoding failed: Kind and Name are required")
+        self.set_config(entry)
+        return 200, True, {}
+
+    def _config_ep(self, method, path, query, secret, body):
+        kind, _, name = path.partition("/")
+        if method == "DELETE":
+            self._require(self._token(secret), "", "write")
+            self.delete_config(kind, name)
+            return 200, True, {}
+        if (kind, name) not in self.config_entries:
+            raise HTTPError(404, f"Config entry not found for {kind!r} / {name!r}")
+        return 200, self.config_entries[kind, name], _meta(self.config_index)
+
+    def _protocol(self, service: str) -> str:
+        defaults = self.config_entries.get(("service-defaults", service), {})
+        proxy = self.config_entries.get(("proxy-defaults", "global"), {}).get("Config") or {}
+        return (defaults.get("Protocol") or proxy.get("protocol") or "tcp").lower()
+
+    def _chain_ep(self, method, service, query, secret, body):
+        self._require(self._token(secret), service, "read")
+        overrides = json.loads(body) if method == "POST" and body else {}
+        self._block(lambda: self.config_index, query)
+        chain = _ChainCompiler(self, service, query.get("compile-dc") or self.datacenter,
+                               overrides.get("OverrideProtocol") or "", overrides.get("OverrideConnectTimeout") or "")
+        return 200, {"Chain": chain.compile()}, _meta(self.config_index)
+
     def _check_dc(self, query: dict) -> None:
         dc = query.get("dc")
         if dc and dc != self.datacenter and not any(
                 i.node["Datacenter"] == dc for entries in self.instances.values() for i in entries):
             raise HTTPError(500, "No path to datacenter")
+
+
+class _ChainCompiler:
+    """Consul's discovery-chain compiler, for what the double models (see set_config)."""
+
+    def __init__(self, agent: ConsulDouble, service: str, datacenter: str, protocol: str, connect_timeout: str):
+        self.agent, self.service, self.dc = agent, service, datacenter
+        self.protocol = protocol or agent._protocol(service)
+        self.connect_timeout = connect_timeout
+        self.nodes, self.targets = {}, {}
+
+    def entry(self, kind: str, name: str) -> dict | None:
+        return self.agent.config_entries.get((kind, name))
+
+    def compile(self) -> dict:
+        router = self.entry("service-router", self.service) if self.protocol != "tcp" else None
+        start = self.router(router) if router else self.split_or_resolve(self.service)
+        return {"ServiceName": self.service, "Namespace": "default", "Datacenter": self.dc,
+                "Protocol": self.protocol, "StartNode": start, "Nodes": self.nodes, "Targets": self.targets}
+
+    def router(self, router: dict) -> str:
+        routes = []
+        for route in (router.get("Routes") or []) + [{"Match": {"HTTP": {"PathPrefix": "/"}}}]:
+            destination = dict(route.get("Destination") or {})
+            destination.setdefault("Service", self.service)
+            destination.setdefault("Namespace", "default")
+            nxt = self.split_or_resolve(destination["Service"], destination.get("ServiceSubset", ""))
+            routes.append({"Definition": {"Match": route.get("Match") or {"HTTP": {"PathPrefix": "/"}},
+                                          "Destination": destination}, "NextNode": nxt})
+        name = f"router:{self.service}.default"
+        self.nodes[name] = {"Type": "router", "Name": f"{self.service}.default", "Routes": routes}
+        return name
+
+    def split_or_resolve(self, service: str, subset: str = "") -> str:
+        splitter = self.entry("service-splitter", service) if self.protocol != "tcp" else None
+        if subset or not splitter:
+            return self.resolve(service, subset)
+        name = f"splitter:{service}.default"
+        self.nodes[name] = {"Type": "splitter", "Name": f"{service}.default", "Splits": [
+            {"Weight": split["Weight"], "NextNode": self._split_to(service, split)} for split in splitter["Splits"]]}
+        return name
+
+    def _split_to(self, service: str, split: dict) -> str:
+        """A split to the splitter's own service goes to its resolver, as Consul compiles it."""
+        other = split.get("Service") or service
+        if other == service:
+            return self.resolve(service, split.get("ServiceSubset", ""))
+        return self.split_or_resolve(other, split.get("ServiceSubset", ""))
+
+    def resolve(self, service: str, subset: str, depth: int = 0) -> str:
+        resolver = self.entry("service-resolver", service) or {}
+        redirect = resolver.get("Redirect")
+        if redirect and depth < 8:
+            return self.resolve(redirect.get("Service") or service, redirect.get("ServiceSubset", ""), depth + 1)
+        subset = subset or resolver.get("DefaultSubset", "")
+        target = self.target(service, subset)
+        body = {"ConnectTimeout": self.connect_timeout or resolver.get("ConnectTimeout") or "5s", "Target": target}
+        if not resolver:
+            body["Default"] = True
+        failover = (resolver.get("Failover") or {})
+        failover = failover.get(subset) or failover.get("*")
+        if failover:
+            body["Failover"] = {"Targets": [self.target(failover.get("Service") or service,
+                                                        failover.get("ServiceSubset", ""), dc)
+                                            for dc in failover.get("Datacenters") or [self.dc]]}
+        name = f"resolver:{target}"
+        self.nodes[name] = {"Type": "resolver", "Name": target, "Resolver": body}
+        return name
+
+    def target(self, service: str, subset: str, dc: str | None = None) -> str:
+        dc = dc or self.dc
+        resolver = self.entry("service-resolver", service) or {}
+        target_id = f"{subset + '.' if subset else ''}{service}.default.{dc}"
+        definition = (resolver.get("Subsets") or {}).get(subset) or {} if subset else {}
+        sni = f"{target_id}.internal.{self.agent.ca.cluster_id}.consul"
+        self.targets[target_id] = {"ID": target_id, "Service": service, **({"ServiceSubset": subset} if subset else {}),
+                                   "Namespace": "default", "Datacenter": dc, "MeshGateway": {},
+                                   "Subset": definition, "SNI": sni, "Name": sni}
+        return target_id
 
 
 # --------------------------------------------------------------------------- request parsing
@@ -1047,11 +1185,11 @@ def _filter(expression: str):
     """The subset of go-bexpr that sidecar lookups use: `Selector == "value"` joined by `and`."""
     clauses = []
     for clause in re.split(r"\s+and\s+", expression.strip()):
-        match = re.fullmatch(r'([A-Za-z.]+)\s*==\s*"([^"]*)"', clause.strip())
+        match = re.fullmatch(r'([A-Za-z.]+)\s*==\s*(?:"([^"]*)"|([A-Za-z0-9_.-]+))', clause.strip())
         if not match:
             raise HTTPError(500, "rpc error making call: Failed to create boolean expression evaluator: "
                                  f"1:1 (0): no match found, expected: {expression!r}")
-        clauses.append((match.group(1).split("."), match.group(2)))
+        clauses.append((match.group(1).split("."), match.group(2) if match.group(2) is not None else match.group(3)))
 
     def select(obj, path):
         for part in path:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import meshgen
+from consul_double import ConsulDouble, _ChainCompiler, _filter
 from harness import ROOT
 
 DATA = ROOT / "tests" / "data"
@@ -35,31 +36,76 @@ BILLING_PERMISSIONS = [
 ]
 FULL_INTENTIONS = [intention("api", "allow", 9), intention("billing", None, 9, permissions=BILLING_PERMISSIONS),
                    intention("*", "deny", 8), intention("late", "allow", 6, "*")]
+# Config entries for the api upstream: every node type of a discovery chain.
+API_CHAIN = [
+    {"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
+    {"Kind": "service-defaults", "Name": "admin", "Protocol": "http"},
+    {"Kind": "service-resolver", "Name": "api", "DefaultSubset": "v1", "ConnectTimeout": "2s",
+     "Subsets": {"v1": {"Filter": "Service.Meta.version == v1"},
+                 "v2": {"Filter": "Service.Meta.version == v2", "OnlyPassing": True}},
+     "Failover": {"v1": {"Service": "admin"}}},
+    {"Kind": "service-splitter", "Name": "api", "Splits": [{"Weight": 90, "ServiceSubset": "v1"},
+                                                          {"Weight": 10, "ServiceSubset": "v2"}]},
+    {"Kind": "service-router", "Name": "api", "Routes": [
+        {"Match": {"HTTP": {"PathPrefix": "/admin/"}},
+         "Destination": {"Service": "admin", "PrefixRewrite": "/", "RequestTimeout": "1500ms",
+                         "NumRetries": 2, "RetryOnConnectFailure": True, "RetryOnStatusCodes": [503]}},
+        {"Match": {"HTTP": {"Header": [{"Name": "x-canary", "Exact": "1"}], "QueryParam": [{"Name": "q", "Present": True}],
+                            "Methods": ["GET"]}}, "Destination": {"ServiceSubset": "v2"}}]},
+]
 EXAMPLES = {
-    # name: (registration, instances, intentions, the agent's decision for an unnamed caller)
-    "seed": ("seed_registration.json", "seed_instances.json", [], (True, "ACLs disabled, access is allowed by default")),
+    # name: (registration, instances, intentions, the agent's decision for an unnamed caller, config entries)
+    "seed": ("seed_registration.json", "seed_instances.json", [], (True, "ACLs disabled, access is allowed by default"),
+             []),
     "full": ("full_registration.json", "full_instances.json", FULL_INTENTIONS,
-             (False, "Matched intention: DENY default/* => default/web (ID: 1|2\nX, Precedence: 8)")),
+             (False, "Matched intention: DENY default/* => default/web (ID: 1|2\nX, Precedence: 8)"), []),
+    "chain": ("full_registration.json", "chain_instances.json", [], (True, "ACLs disabled, access is allowed by default"),
+              API_CHAIN),
 }
 
 
 def intentions(name: str, http: bool = True) -> meshgen.Intentions:
-    _, _, entries, (allowed, reason) = EXAMPLES[name]
+    _, _, entries, (allowed, reason), _ = EXAMPLES[name]
     listed = [meshgen.parse_intention(entry, f"intentions of web[{i}]") for i, entry in enumerate(entries)]
     return meshgen.decide(listed, http, allowed, reason)
 
 
 def model(name: str, shuffle: bool = False) -> meshgen.Sidecar:
-    registration_file, instances_file, _, _ = EXAMPLES[name]
+    """The example's sidecar resolved as a run resolves it: each upstream's chain as the double
+    compiles it from the example's config entries, each target's instances from the file."""
+    registration_file, instances_file, _, _, entries = EXAMPLES[name]
     registration = json.loads((DATA / registration_file).read_text())
     by_name = json.loads((DATA / instances_file).read_text())
     if shuffle:
         rng = random.Random(7)
         rng.shuffle(registration["Proxy"]["Upstreams"])
-        for entries in by_name.values():
-            rng.shuffle(entries)
+        for listed in by_name.values():
+            rng.shuffle(listed)
+    return resolved(registration, by_name, entries)
+
+
+def resolved(registration: dict, by_name: dict | None = None, entries: list = ()) -> meshgen.Sidecar:
+    """A registration's sidecar with its upstreams resolved: chains from these config entries,
+    instances by service name."""
+    by_name = by_name or {}
     sidecar = meshgen.parse_registration(registration, registration["ID"])
-    return meshgen.with_instances(sidecar, {u.key: by_name.get(u.name, []) for u in sidecar.upstreams})
+    agent = ConsulDouble()
+    for entry in entries:
+        agent.set_config(entry)
+    chains, answers = {}, {}
+    for upstream in sidecar.upstreams:
+        if not upstream.follows_chain:
+            answers[meshgen.direct_query(upstream)] = meshgen.Reply(by_name.get(upstream.name, []), 1)
+            continue
+        query = meshgen.chain_query(upstream)
+        overrides = json.loads(query.body) if query.body else {}
+        compiled = _ChainCompiler(agent, upstream.name, upstream.datacenter or "dc1", overrides.get("OverrideProtocol", ""),
+                                  overrides.get("OverrideConnectTimeout", "")).compile()
+        chains[upstream.key] = chain = meshgen.parse_chain({"Chain": compiled}, upstream)
+        for target in chain.targets:
+            keep = _filter(target.filter) if target.filter else (lambda _: True)
+            answers[target.query] = meshgen.Reply([e for e in by_name.get(target.service, []) if keep(e)], 1)
+    return meshgen.with_chains(sidecar, chains, answers)
 
 
 def bundle(name: str, shuffle: bool = False, out_dir: Path | None = None) -> meshgen.Bundle:
@@ -238,7 +284,7 @@ def test_an_app_on_a_unix_socket_keeps_its_expose_paths_on_tcp(haproxy, tmp_path
     del proxy["LocalServiceAddress"], proxy["LocalServicePort"]
     proxy["LocalServiceSocketPath"] = "/run/web.sock"
     proxy["Expose"] = {"Paths": [{"ListenerPort": 21500, "Path": "/health", "LocalPathPort": 9102}]}
-    sidecar = meshgen.parse_registration(registration, registration["ID"])
+    sidecar = resolved(registration)
     built = meshgen.render(sidecar, meshgen.throwaway_certificates("www"), intentions("seed"), tmp_path,
                            tmp_path / "admin.sock")
     config = built.files["haproxy.cfg"].decode()
@@ -258,3 +304,75 @@ def test_runtime_server_options_follow_the_configs_version_conditions():
                for o in options.values())
     assert ["pool-purge-delay" in o for o in options.values()] == [True, False, False]
     assert ["no-sni-auto no-check-sni-auto" in o for o in options.values()] == [False, False, True]
+
+
+def _compiled(entries: list, name: str = "api") -> dict:
+    agent = ConsulDouble()
+    for entry in entries:
+        agent.set_config(entry)
+    return {"Chain": _ChainCompiler(agent, name, "dc1", "", "").compile()}
+
+
+def _api_upstream() -> meshgen.Upstream:
+    return meshgen.parse_upstream({"DestinationName": "api", "LocalBindPort": 9191}, "u")
+
+
+HTTP_API = {"Kind": "service-defaults", "Name": "api", "Protocol": "http"}
+
+
+@pytest.mark.parametrize("entry, field", [
+    ({"Kind": "service-router", "Name": "api", "Routes": [{"Match": {"HTTP": {"PathPrefix": "/a"}},
+                                                            "Destination": {"PrefixRewrite": "/%[src]"}}]},
+     "Destination.PrefixRewrite"),
+    ({"Kind": "service-router", "Name": "api", "Routes": [{"Match": {"HTTP": {"PathPrefix": "/a'"}}}]},
+     "Match.HTTP.PathPrefix"),
+    ({"Kind": "service-router", "Name": "api", "Routes": [{"Match": {"HTTP": {
+        "Header": [{"Name": "x-a\nb", "Exact": "1"}]}}}]}, "Match.HTTP.Header[0].Name"),
+    ({"Kind": "service-router", "Name": "api", "Routes": [{"Match": {"HTTP": {
+        "QueryParam": [{"Name": "q", "Regex": "("}]}}}]}, "Match.HTTP.QueryParam[0].Regex"),
+    ({"Kind": "service-router", "Name": "api", "Routes": [{"Match": {"HTTP": {"PathPrefix": "/a"}},
+                                                            "Destination": {"RetryOnStatusCodes": [429]}}]},
+     "Destination.RetryOnStatusCodes[0]"),
+    ({"Kind": "service-resolver", "Name": "api", "Subsets": {"v1": {"Filter": "x"}}, "DefaultSubset": "v1",
+      "ConnectTimeout": "soon"}, "ConnectTimeout"),
+])
+def test_an_unsafe_chain_is_one_line_naming_the_field(entry, field):
+    with pytest.raises(meshgen.MeshgenError) as err:
+        meshgen.parse_chain(_compiled([HTTP_API, entry]), _api_upstream())
+    assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_chain_that_names_a_node_or_target_it_lacks_is_refused():
+    data = _compiled([HTTP_API, {"Kind": "service-splitter", "Name": "api", "Splits": [{"Weight": 100}]}])
+    data["Chain"]["Nodes"]["splitter:api.default"]["Splits"][0]["NextNode"] = "resolver:nowhere"
+    with pytest.raises(meshgen.MeshgenError, match="resolver:nowhere"):
+        meshgen.parse_chain(data, _api_upstream())
+    data = _compiled([])
+    data["Chain"]["Nodes"]["resolver:api.default.dc1"]["Resolver"]["Target"] = "other.default.dc1"
+    with pytest.raises(meshgen.MeshgenError, match="other.default.dc1"):
+        meshgen.parse_chain(data, _api_upstream())
+
+
+def test_split_weights_become_thresholds_of_one_draw():
+    """Weights to the hundredth of a percent, as Envoy takes them; the last split takes the rest."""
+    entries = [HTTP_API, {"Kind": "service-resolver", "Name": "api", "Subsets": {
+        name: {"Filter": f"Service.Meta.version == {name}"} for name in ("a", "b", "c")}},
+        {"Kind": "service-splitter", "Name": "api", "Splits": [
+            {"Weight": 33.33, "ServiceSubset": "a"}, {"Weight": 33.33, "ServiceSubset": "b"},
+            {"Weight": 33.34, "ServiceSubset": "c"}]}]
+    upstream = _api_upstream()
+    chain = meshgen.parse_chain(_compiled(entries), upstream)
+    resolved = meshgen.resolve_upstream(upstream, chain, {t.query: meshgen.Reply([], 1) for t in chain.targets})
+    route, = resolved.routes
+    assert [(s.backend, s.below) for s in route.splits] == [
+        ("upstream_api:a.api.default.dc1", 3333), ("upstream_api:b.api.default.dc1", 6666),
+        ("upstream_api:c.api.default.dc1", None)]
+    assert resolved.protocol == "http" and resolved.default_backend == "upstream_api:c.api.default.dc1"
+
+
+def test_an_upstream_with_no_config_entries_renders_as_before():
+    upstream = _api_upstream()
+    chain = meshgen.parse_chain(_compiled([]), upstream)
+    resolved = meshgen.resolve_upstream(upstream, chain, {t.query: meshgen.Reply([], 1) for t in chain.targets})
+    assert resolved.routes == () and [b.name for b in resolved.backends] == ["upstream_api"]
+    assert (resolved.protocol, resolved.backends[0].connect_timeout_ms, resolved.backends[0].about) == ("tcp", 5000, ())

@@ -120,6 +120,7 @@ def test_an_idle_wait_asks_each_endpoint_once_per_period(seeded):
     # same index, then the blocking one.
     assert asked == {"/v1/agent/service/www-sidecar-proxy": periods, "/v1/agent/connect/ca/roots": 2 * periods,
                      "/v1/agent/connect/ca/leaf/www": periods, "/v1/health/connect/redis": periods,
+                     "/v1/discovery-chain/redis": periods,
                      "/v1/agent/services": periods,     # --sidecar-for looks the sidecar up first
                      "/v1/connect/intentions": periods}
 
@@ -132,7 +133,8 @@ def test_an_index_that_goes_backwards_is_reset(seeded):
     code, err = finish(process)
     assert code == 0, err                           # same data: nothing to write
     state = json.loads((out / meshgen.STATE_FILE).read_text())
-    assert state["instances"]["service|redis||"] == 3
+    health = [index for query, index in state["queries"].items() if "/v1/health/connect/redis" in query]
+    assert health == [3]
     code, _ = finish(render(double, out, haproxy, wait="1s"))
     assert code == 0                                # and it blocks on the new index again
 
