@@ -405,10 +405,11 @@ def chain_query(upstream: Upstream) -> Query:
     """The upstream's compiled discovery chain, as Consul compiles it for Envoy: the upstream's
     own protocol and connect timeout, where its Config sets them, override the chain's. Cached:
     with its servers out of reach, the agent answers with the last chain it knew."""
-    overrides = {key: value for key, value in (
-        ("OverrideProtocol", upstream.protocol), ("OverrideConnectTimeout",
-                                                  f"{upstream.connect_timeout_ms}ms" if upstream.connect_timeout_ms else None))
-        if value}
+    overrides = {}
+    if upstream.protocol:
+        overrides["OverrideProtocol"] = upstream.protocol
+    if upstream.connect_timeout_ms:
+        overrides["OverrideConnectTimeout"] = f"{upstream.connect_timeout_ms}ms"
     params = (("compile-dc", upstream.datacenter),) if upstream.datacenter else ()
     return Query("POST" if overrides else "GET", CHAIN_PATH + quote(upstream.name, safe=""), params + (("cached", ""),),
                  json.dumps(overrides, sort_keys=True) if overrides else "")
@@ -454,8 +455,8 @@ def fetch_instances(client: ConsulClient, query: Query, extra: dict | None = Non
 #
 # `render --wait` blocks, all at once, on what the previous run saw: the registration by its
 # ContentHash, the roots, the leaf, the intentions, each upstream's discovery chain and each of
-# its targets' instances by index. A prepared query cannot block, so it is polled. The previous run's markers live beside the
-# bundle (STATE_FILE).
+# its targets' instances by index. A prepared query cannot block, so it is polled. The previous
+# run's markers live beside the bundle (STATE_FILE).
 
 
 @dataclass(frozen=True)
@@ -772,7 +773,7 @@ class Backend:
 @dataclass(frozen=True)
 class Split:
     backend: str
-    weight: str               # as Consul wrote it, in percent
+    weight: str               # in percent, as Consul wrote it; "" when the route does not split
     below: int | None         # taken while the request's draw (0 to 9999) is below this; None: the rest
 
 
@@ -784,6 +785,7 @@ class Route:
     matches: tuple[Match, ...]
     splits: tuple[Split, ...]
     rewrite: tuple[str, str] | None = None    # replace-path's regex and replacement
+    about: str = ""                           # haproxy.cfg's comment on a split: the weights
 
 
 @dataclass(frozen=True)
@@ -1107,6 +1109,7 @@ class ChainResolver:
     node: str
     targets: tuple[Target, ...]          # its own, then its failover targets in order
     connect_timeout_ms: int
+    request_timeout_ms: int | None = None    # Consul 1.15+: for routes that set none
 
 
 @dataclass(frozen=True)
@@ -1123,6 +1126,7 @@ class Chain:
     protocol: str
     routes: tuple[ChainRoute, ...]       # a chain with no router: one route that catches all
     resolvers: tuple[ChainResolver, ...]
+    unapplied: tuple[str, ...] = ()      # what the chain asks that meshgen does not render
 
     @property
     def targets(self) -> tuple[Target, ...]:
@@ -1160,6 +1164,8 @@ def parse_chain(data: dict, upstream: Upstream) -> Chain:
                 raise MeshgenError(f"{field}.Nodes[{name}].Splits[{i}].Weight: a percentage is expected")
             led += [(round(split["Weight"] * weight / 100), resolver)
                     for weight, resolver in splits(split.get("NextNode"), depth + 1)]
+        if not led:
+            raise MeshgenError(f"{field}.Nodes[{name}].Splits: a splitter must split to something")
         return led
 
     start = chain.get("StartNode")
@@ -1171,7 +1177,29 @@ def parse_chain(data: dict, upstream: Upstream) -> Chain:
     else:
         routes = (ChainRoute((), tuple(splits(start)), None, None, None),)
     used = sorted({resolver for route in routes for _, resolver in route.splits})
-    return Chain(protocol, routes, tuple(parse_resolver(name, node(name), targets, field) for name in used))
+    return Chain(protocol, routes, tuple(parse_resolver(name, node(name), targets, field) for name in used),
+                 unapplied_settings(chain, start, used))
+
+
+# Chain settings of newer Consul versions that meshgen does not render; `render` names them
+# rather than route differently from Envoy in silence.
+UNAPPLIED_DESTINATION = ("RequestHeaders", "ResponseHeaders", "RetryOn", "IdleTimeout")
+
+
+def unapplied_settings(chain: dict, start: str, resolvers: list[str]) -> tuple[str, ...]:
+    found = []
+    for name in resolvers:
+        policy = ((chain["Nodes"][name].get("Resolver") or {}).get("LoadBalancer") or {})
+        policy = policy.get("Policy") if isinstance(policy, dict) else None
+        if policy not in (None, "", "round_robin"):
+            found.append(f"{name}: LoadBalancer policy {_safe_reason(str(policy))!r} is not applied "
+                         "(HAProxy balances round robin)")
+    routes = chain["Nodes"][start].get("Routes") if chain["Nodes"][start].get("Type") == "router" else []
+    for i, route in enumerate(routes or []):
+        destination = ((route or {}).get("Definition") or {}).get("Destination") or {}
+        found += [f"route-{i + 1}: Destination.{key} is not applied" for key in UNAPPLIED_DESTINATION
+                  if isinstance(destination, dict) and destination.get(key)]
+    return tuple(found)
 
 
 def parse_resolver(name: str, raw: dict, targets: dict, field: str) -> ChainResolver:
@@ -1183,9 +1211,11 @@ def parse_resolver(name: str, raw: dict, targets: dict, field: str) -> ChainReso
     if not isinstance(failover, dict):
         raise MeshgenError(f"{field}.Failover: not an object")
     ids = [resolver.get("Target")] + _list(failover.get("Targets"), f"{field}.Failover.Targets")
-    timeout = resolver.get("ConnectTimeout")
+    timeout, request_timeout = resolver.get("ConnectTimeout"), resolver.get("RequestTimeout")
     return ChainResolver(name, tuple(parse_target(target_id, targets, field) for target_id in ids),
-                         check_duration_ms(timeout, f"{field}.ConnectTimeout") if timeout else 5000)
+                         check_duration_ms(timeout, f"{field}.ConnectTimeout") if timeout else 5000,
+                         check_duration_ms(request_timeout, f"{field}.RequestTimeout") or None
+                         if request_timeout else None)
 
 
 def parse_target(target_id, targets: dict, field: str) -> Target:
@@ -1210,10 +1240,10 @@ def parse_route(raw, field: str, splits) -> ChainRoute:
     if not isinstance(raw, dict) or not isinstance(raw.get("Definition"), dict):
         raise MeshgenError(f"{field}.Definition: not an object")
     definition = raw["Definition"]
-    match = (definition.get("Match") or {}).get("HTTP") if isinstance(definition.get("Match") or {}, dict) else None
-    http = match or {}
+    match = definition.get("Match") or {}
+    http = match.get("HTTP") or {} if isinstance(match, dict) else None
     if not isinstance(http, dict):
-        raise MeshgenError(f"{field}.Definition.Match.HTTP: not an object")
+        raise MeshgenError(f"{field}.Definition.Match: not an object with an HTTP object")
     matches = http_matches(http, f"{field}.Definition.Match.HTTP", query_params=True)
     if matches == (Match("path", "prefix", ("/",)),):
         matches = ()        # Consul's catch-all
@@ -1278,14 +1308,15 @@ def _chain_backends(upstream: Upstream, chain: Chain, answers: dict) -> Upstream
     backends: dict[tuple, Backend] = {}
 
     def backend(node: str, route: ChainRoute) -> str:
-        key = (node, route.retries, route.request_timeout_ms)
+        resolver = resolvers[node]
+        request_timeout = route.request_timeout_ms or resolver.request_timeout_ms
+        key = (node, route.retries, request_timeout)
         if key not in backends:
-            resolver = resolvers[node]
             name = upstream.proxy_name if single else f"{upstream.proxy_name}:{resolver.targets[0].id}"
             if route.retries is not None:
                 name += f":retry-{route.retries.count}-{'-'.join(route.retries.on)}"
-            if route.request_timeout_ms is not None:
-                name += f":timeout-{route.request_timeout_ms}ms"
+            if request_timeout != resolver.request_timeout_ms:
+                name += f":timeout-{request_timeout}ms"
             serving, instances = "", ()
             for target in resolver.targets:
                 instances = parse_instances(answers[target.query].data, f"instances of target {target.id}")
@@ -1299,7 +1330,7 @@ def _chain_backends(upstream: Upstream, chain: Chain, answers: dict) -> Upstream
                 f"{', '.join(ids[1:])} that has one: its instances are the servers.")
             backends[key] = Backend(
                 name, resolver.connect_timeout_ms, tuple(sorted({t.service for t in resolver.targets})),
-                ids, serving, route.retries, route.request_timeout_ms, instances, about)
+                ids, serving, route.retries, request_timeout, instances, about)
         return backends[key].name
 
     routes = []
@@ -1311,7 +1342,9 @@ def _chain_backends(upstream: Upstream, chain: Chain, answers: dict) -> Upstream
             last = i == len(route.splits) - 1
             splits.append(Split(backend(node, route), f"{weight / 100:g}" if len(route.splits) > 1 else "",
                                 None if last else round(drawn * 10000 / total) if total else 0))
-        routes.append(Route(f"route-{number}", route.matches, tuple(splits), route.rewrite))
+        about = "" if len(splits) == 1 else f"route-{number} splits: " + ", ".join(
+            f"{split.weight}% to {split.backend}" for split in splits)
+        routes.append(Route(f"route-{number}", route.matches, tuple(splits), route.rewrite, about))
     return dataclasses.replace(upstream, backends=tuple(backends.values()), routes=() if single else tuple(routes))
 
 
@@ -2431,7 +2464,7 @@ def _fetch_model(client: ConsulClient, proxy_id: str, previous: WatchState | Non
     data = fetch_agent_data(client, sidecar.service, sidecar.upstreams)
     certs = check_certificates(data.roots.data, data.leaf.data, sidecar.service, dt.datetime.now(dt.timezone.utc))
     sidecar = with_chains(sidecar, data.chains, data.answers)
-    notes = ()
+    notes = tuple(f"upstream {key.name}: {text}" for key, chain in sorted(data.chains.items()) for text in chain.unapplied)
     try:
         if isinstance(data.intentions, AgentUnavailable):
             raise data.intentions
@@ -2444,7 +2477,7 @@ def _fetch_model(client: ConsulClient, proxy_id: str, previous: WatchState | Non
             raise MeshgenError(f"{err}; no earlier run saw the intentions of {sidecar.service!r}") from None
         entries, unnamed, index = previous.intentions_seen, previous.unnamed_caller, previous.intentions_index
         listed = [parse_intention(entry, f"intentions of {sidecar.service}[{i}]") for i, entry in enumerate(entries)]
-        notes = (f"intentions: {_one_line(str(err))}: the last ones seen stay in force",)
+        notes += (f"intentions: {_one_line(str(err))}: the last ones seen stay in force",)
     seen = WatchState.of_run(proxy_id, registration, sidecar, data, (index, entries, unnamed), loaded_bundle="")
     return Model(sidecar, certs, decide(listed, sidecar.http, *unnamed), seen, notes)
 
@@ -2711,7 +2744,9 @@ def show(as_json: bool, **consul):
 
 def _describe(match: Match) -> str:
     """A route's condition as `show` prints it."""
-    subject = {"path": "path", "method": "method"}.get(match.subject, f"{match.subject} {match.header}")
+    if match.subject == "method":
+        return f"method {' or '.join(match.values)}"
+    subject = "path" if match.subject == "path" else f"{match.subject} {match.header}"
     return f"{'not ' if match.invert else ''}{subject} {match.how} {' '.join(match.values)}".strip()
 
 

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -1031,6 +1032,8 @@ class _ChainCompiler:
         self.agent, self.service, self.dc = agent, service, datacenter
         self.protocol = protocol or agent._protocol(service)
         self.connect_timeout = connect_timeout
+        self.overrides = {key: value for key, value in (("OverrideProtocol", protocol),
+                                                         ("OverrideConnectTimeout", connect_timeout)) if value}
         self.nodes, self.targets = {}, {}
 
     def entry(self, kind: str, name: str) -> dict | None:
@@ -1039,16 +1042,21 @@ class _ChainCompiler:
     def compile(self) -> dict:
         router = self.entry("service-router", self.service) if self.protocol != "tcp" else None
         start = self.router(router) if router else self.split_or_resolve(self.service)
-        return {"ServiceName": self.service, "Namespace": "default", "Datacenter": self.dc,
-                "Protocol": self.protocol, "StartNode": start, "Nodes": self.nodes, "Targets": self.targets}
+        chain = {"ServiceName": self.service, "Namespace": "default", "Datacenter": self.dc}
+        if self.overrides:      # Consul's is a hash of the overrides too (its value differs)
+            chain["CustomizationHash"] = f"{zlib.crc32(json.dumps(self.overrides, sort_keys=True).encode()):08x}"
+        return dict(chain, Protocol=self.protocol, StartNode=start, Nodes=self.nodes, Targets=self.targets)
 
     def router(self, router: dict) -> str:
         routes = []
-        for route in (router.get("Routes") or []) + [{"Match": {"HTTP": {"PathPrefix": "/"}}}]:
+        catch_all = {"Match": {"HTTP": {"PathPrefix": "/"}}, "Destination": {"Service": self.service}}
+        for route in (router.get("Routes") or []) + [catch_all]:
             destination = dict(route.get("Destination") or {})
-            destination.setdefault("Service", self.service)
-            destination.setdefault("Namespace", "default")
-            nxt = self.split_or_resolve(destination["Service"], destination.get("ServiceSubset", ""))
+            if not destination.get("Service"):
+                destination.setdefault("Namespace", "default")     # as 1.8.7 normalizes it
+            elif route is catch_all:
+                destination["Namespace"] = "default"
+            nxt = self.split_or_resolve(destination.get("Service") or self.service, destination.get("ServiceSubset", ""))
             routes.append({"Definition": {"Match": route.get("Match") or {"HTTP": {"PathPrefix": "/"}},
                                           "Destination": destination}, "NextNode": nxt})
         name = f"router:{self.service}.default"

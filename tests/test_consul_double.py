@@ -4,6 +4,7 @@ Consul versions differ, the test says which does what."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import threading
 import time
@@ -335,3 +336,125 @@ def test_real_agent_fixture_is_what_it_claims(agent):
         assert reported == consul_version(consul_binary()) and agent.suffix
     else:
         assert reported == "1.17.0" and not agent.suffix
+
+
+# 12. discovery chains -----------------------------------------------------------------------
+
+def _put_config(agent, entry: dict) -> None:
+    if isinstance(agent, RealAgent):
+        agent.call("PUT", "/v1/config", json=entry)
+    else:
+        agent.set_config(entry)
+
+
+def _delete_config(agent, kind: str, name: str) -> None:
+    if isinstance(agent, RealAgent):
+        agent.call("DELETE", f"/v1/config/{kind}/{name}")
+    else:
+        agent.delete_config(kind, name)
+
+
+def _comparable(chain: dict, suffix: str) -> dict:
+    """A compiled chain with the names a test chose made plain again, and without what names the
+    cluster (SNI, Name)."""
+    text = json.dumps(chain).replace(suffix, "") if suffix else json.dumps(chain)
+    chain = json.loads(text)
+    if "CustomizationHash" in chain:
+        chain["CustomizationHash"] = "(a hash of the overrides)"
+    for target in chain["Targets"].values():
+        target.pop("SNI"), target.pop("Name")
+    return chain
+
+
+def test_discovery_chains_compile_as_consul_compiles_them(agent):
+    """The double's compiler against Consul 1.8.7's, on the same entries: a default chain; a
+    resolver with subsets, default subset, connect timeout and failover; a splitter; a router;
+    a redirect; and the POST overrides. Node for node, target for target."""
+    suffix = getattr(agent, "suffix", "")
+    api, admin, old = "api" + suffix, "admin" + suffix, "old" + suffix
+    entries = [
+        {"Kind": "service-defaults", "Name": api, "Protocol": "http"},
+        {"Kind": "service-defaults", "Name": admin, "Protocol": "http"},
+        {"Kind": "service-defaults", "Name": old, "Protocol": "http"},
+        {"Kind": "service-resolver", "Name": api, "DefaultSubset": "v1", "ConnectTimeout": "2s",
+         "Subsets": {"v1": {"Filter": "Service.Meta.version == v1"},
+                     "v2": {"Filter": "Service.Meta.version == v2", "OnlyPassing": True}},
+         "Failover": {"v1": {"Service": admin}}},
+        {"Kind": "service-splitter", "Name": api, "Splits": [{"Weight": 90, "ServiceSubset": "v1"},
+                                                            {"Weight": 10, "ServiceSubset": "v2"}]},
+        {"Kind": "service-router", "Name": api, "Routes": [
+            {"Match": {"HTTP": {"PathPrefix": "/admin"}},
+             "Destination": {"Service": admin, "PrefixRewrite": "/", "RequestTimeout": "1s", "NumRetries": 2,
+                             "RetryOnConnectFailure": True, "RetryOnStatusCodes": [503]}},
+            {"Match": {"HTTP": {"Header": [{"Name": "x-canary", "Exact": "1"}],
+                                "QueryParam": [{"Name": "q", "Present": True}], "Methods": ["GET"]}},
+             "Destination": {"ServiceSubset": "v2"}}]},
+        {"Kind": "service-resolver", "Name": old, "Redirect": {"Service": api, "ServiceSubset": "v2"}},
+    ]
+    plain = get(agent, f"/v1/discovery-chain/{admin}").json()["Chain"]
+    try:
+        for entry in entries:
+            _put_config(agent, entry)
+        chains = {name: get(agent, f"/v1/discovery-chain/{name}").json()["Chain"] for name in (api, old)}
+        overridden = requests.post(f"{agent.url}/v1/discovery-chain/{api}", timeout=15, json={
+            "OverrideProtocol": "tcp", "OverrideConnectTimeout": "7s"}).json()["Chain"]
+    finally:
+        for entry in reversed(entries):
+            _delete_config(agent, entry["Kind"], entry["Name"])
+    compared = {name: _comparable(chain, suffix) for name, chain in
+                {"plain": plain, "api": chains[api], "old": chains[old], "tcp": overridden}.items()}
+    assert compared == EXPECTED_CHAINS
+
+
+def _target(service: str, subset: str = "", filter_: str = "", only_passing: bool = False) -> dict:
+    target_id = f"{subset + '.' if subset else ''}{service}.default.dc1"
+    definition = {"Filter": filter_, **({"OnlyPassing": True} if only_passing else {})} if filter_ else {}
+    return {"ID": target_id, "Service": service, **({"ServiceSubset": subset} if subset else {}),
+            "Namespace": "default", "Datacenter": "dc1", "MeshGateway": {}, "Subset": definition}
+
+
+def _resolver(target: str, timeout: str = "5s", default: bool = False, failover: list | None = None) -> dict:
+    body = {"ConnectTimeout": timeout, **({"Default": True} if default else {}), "Target": target}
+    if failover:
+        body["Failover"] = {"Targets": failover}
+    return {"Type": "resolver", "Name": target, "Resolver": body}
+
+
+V1, V2 = _target("api", "v1", "Service.Meta.version == v1"), _target("api", "v2", "Service.Meta.version == v2", True)
+EXPECTED_CHAINS = {
+    "plain": {"ServiceName": "admin", "Namespace": "default", "Datacenter": "dc1", "Protocol": "tcp",
+              "StartNode": "resolver:admin.default.dc1",
+              "Nodes": {"resolver:admin.default.dc1": _resolver("admin.default.dc1", default=True)},
+              "Targets": {"admin.default.dc1": _target("admin")}},
+    "api": {"ServiceName": "api", "Namespace": "default", "Datacenter": "dc1", "Protocol": "http",
+            "StartNode": "router:api.default", "Nodes": {
+                "resolver:admin.default.dc1": _resolver("admin.default.dc1", default=True),
+                "resolver:v1.api.default.dc1": _resolver("v1.api.default.dc1", "2s", failover=["admin.default.dc1"]),
+                "resolver:v2.api.default.dc1": _resolver("v2.api.default.dc1", "2s"),
+                "router:api.default": {"Type": "router", "Name": "api.default", "Routes": [
+                    {"Definition": {"Match": {"HTTP": {"PathPrefix": "/admin"}}, "Destination": {
+                        "RequestTimeout": "1s", "Service": "admin", "PrefixRewrite": "/", "NumRetries": 2,
+                        "RetryOnConnectFailure": True, "RetryOnStatusCodes": [503]}},
+                     "NextNode": "resolver:admin.default.dc1"},
+                    {"Definition": {"Match": {"HTTP": {"Header": [{"Name": "x-canary", "Exact": "1"}],
+                                                       "QueryParam": [{"Name": "q", "Present": True}],
+                                                       "Methods": ["GET"]}},
+                                    "Destination": {"ServiceSubset": "v2", "Namespace": "default"}},
+                     "NextNode": "resolver:v2.api.default.dc1"},
+                    {"Definition": {"Match": {"HTTP": {"PathPrefix": "/"}},
+                                    "Destination": {"Service": "api", "Namespace": "default"}},
+                     "NextNode": "splitter:api.default"}]},
+                "splitter:api.default": {"Type": "splitter", "Name": "api.default", "Splits": [
+                    {"Weight": 90, "NextNode": "resolver:v1.api.default.dc1"},
+                    {"Weight": 10, "NextNode": "resolver:v2.api.default.dc1"}]}},
+            "Targets": {"admin.default.dc1": _target("admin"), "v1.api.default.dc1": V1, "v2.api.default.dc1": V2}},
+    "old": {"ServiceName": "old", "Namespace": "default", "Datacenter": "dc1", "Protocol": "http",
+            "StartNode": "resolver:v2.api.default.dc1",
+            "Nodes": {"resolver:v2.api.default.dc1": _resolver("v2.api.default.dc1", "2s")},
+            "Targets": {"v2.api.default.dc1": V2}},
+    "tcp": {"ServiceName": "api", "Namespace": "default", "Datacenter": "dc1", "Protocol": "tcp",
+            "CustomizationHash": "(a hash of the overrides)",
+            "StartNode": "resolver:v1.api.default.dc1",
+            "Nodes": {"resolver:v1.api.default.dc1": _resolver("v1.api.default.dc1", "7s", failover=["admin.default.dc1"])},
+            "Targets": {"v1.api.default.dc1": V1, "admin.default.dc1": _target("admin")}},
+}

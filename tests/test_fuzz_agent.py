@@ -1,5 +1,6 @@
 """Property-based fuzzing of everything the agent answers: the sidecar's registration, the
-health entries of an upstream, the CA roots and the leaf certificate.
+health entries of an upstream, an upstream's discovery chain, the CA roots and the leaf
+certificate, the intentions and the authorize answer.
 
 Each case starts from a well-formed sidecar with every feature on, breaks a few values of one
 answer (random JSON types, sizes, unicode, control characters, HAProxy syntax, attempts to add
@@ -106,6 +107,37 @@ ROOTS_PATHS = [("Roots",), ("Roots", 0), ("Roots", 0, "RootCert"), ("Roots", 0, 
 INTENTIONS_PATHS = [("www",), ("www", 0), ("www", 1), *[("www", i, key) for i in (0, 1) for key in (
     "SourceName", "SourceNS", "DestinationName", "DestinationNS", "Action", "Permissions", "Precedence")]]
 AUTHORIZE_PATHS = [("Authorized",), ("Reason",)]
+# billing's chain (BILLING_CHAIN): a router, a splitter, two subsets, a failover.
+ROUTER, SPLITTER, V1 = "router:billing.default", "splitter:billing.default", "v1.billing.default.dc1"
+CHAIN_PATHS = [
+    ("Chain",), ("Chain", "Protocol"), ("Chain", "StartNode"), ("Chain", "Nodes"), ("Chain", "Targets"),
+    ("Chain", "Nodes", ROUTER, "Routes"), ("Chain", "Nodes", ROUTER, "Routes", 0, "NextNode"),
+    *[("Chain", "Nodes", ROUTER, "Routes", 0, "Definition", "Match", "HTTP", key) for key in (
+        "PathPrefix", "PathExact", "PathRegex", "Header", "QueryParam", "Methods")],
+    ("Chain", "Nodes", ROUTER, "Routes", 0, "Definition", "Match", "HTTP", "Header", 0, "Exact"),
+    ("Chain", "Nodes", ROUTER, "Routes", 0, "Definition", "Match", "HTTP", "Header", 0, "Name"),
+    *[("Chain", "Nodes", ROUTER, "Routes", 0, "Definition", "Destination", key) for key in (
+        "PrefixRewrite", "RequestTimeout", "NumRetries", "RetryOnConnectFailure", "RetryOnStatusCodes")],
+    ("Chain", "Nodes", SPLITTER, "Splits"), ("Chain", "Nodes", SPLITTER, "Splits", 0, "Weight"),
+    ("Chain", "Nodes", SPLITTER, "Splits", 0, "NextNode"), ("Chain", "Nodes", f"resolver:{V1}", "Type"),
+    *[("Chain", "Nodes", f"resolver:{V1}", "Resolver", key) for key in ("Target", "ConnectTimeout", "Failover")],
+    ("Chain", "Nodes", f"resolver:{V1}", "Resolver", "Failover", "Targets", 0),
+    *[("Chain", "Targets", V1, key) for key in ("Service", "Datacenter", "Namespace", "Subset")],
+    ("Chain", "Targets", V1, "Subset", "Filter"), ("Chain", "Targets", V1, "Subset", "OnlyPassing"),
+]
+BILLING_CHAIN = [
+    {"Kind": "service-defaults", "Name": "billing", "Protocol": "http2"},
+    {"Kind": "service-defaults", "Name": "ledger", "Protocol": "http2"},
+    {"Kind": "service-resolver", "Name": "billing", "DefaultSubset": "v1",
+     "Subsets": {"v1": {"Filter": "Service.Meta.version == v1"}, "v2": {"Filter": "Service.Meta.version == v2"}},
+     "Failover": {"v1": {"Service": "ledger"}}},
+    {"Kind": "service-splitter", "Name": "billing", "Splits": [{"Weight": 75, "ServiceSubset": "v1"},
+                                                              {"Weight": 25, "ServiceSubset": "v2"}]},
+    {"Kind": "service-router", "Name": "billing", "Routes": [
+        {"Match": {"HTTP": {"PathPrefix": "/admin", "Header": [{"Name": "x-team", "Exact": "ops"}]}},
+         "Destination": {"Service": "ledger", "PrefixRewrite": "/", "RequestTimeout": "2s", "NumRetries": 2,
+                         "RetryOnStatusCodes": [503]}}]},
+]
 LEAF_PATHS = [("CertPEM",), ("PrivateKeyPEM",), ("Service",), ("ServiceURI",), ("ValidBefore",),
               ("SerialNumber",)]
 
@@ -165,6 +197,7 @@ cases = st.one_of(
     st.tuples(st.just("leaf"), mutations(LEAF_PATHS)),
     st.tuples(st.just("intentions"), mutations(INTENTIONS_PATHS)),
     st.tuples(st.just("authorize"), mutations(AUTHORIZE_PATHS)),
+    st.tuples(st.just("chain"), mutations(CHAIN_PATHS)),
     st.tuples(st.just("pem"), st.sampled_from(["RootCert", "CertPEM", "PrivateKeyPEM"]), st.data()),
 )
 
@@ -221,7 +254,11 @@ def fuzz_agent(tmp_path):
     double.register({"service": RICH_SIDECAR})
     double.add_instance("redis", "10.0.0.21", 21000)
     double.add_instance("redis", "10.0.0.22", 21000, weight=5)
-    double.add_instance("billing", "10.0.0.31", 21000)
+    double.add_instance("billing", "10.0.0.31", 21000, meta={"version": "v1"})
+    double.add_instance("billing", "10.0.0.32", 21000, meta={"version": "v2"})
+    double.add_instance("ledger", "10.0.0.33", 21000)
+    for entry in BILLING_CHAIN:
+        double.set_config(entry)
     double.add_instance("geo", "10.0.0.41", 21000)
     double.add_prepared_query("geo", "geo")
     double.set_intention("api", "www", "allow")
@@ -232,8 +269,8 @@ def fuzz_agent(tmp_path):
 
 def agent_answers(double) -> dict:
     """The well-formed answers each case starts from, as the agent encodes them."""
-    def get(path, query=None):
-        status, payload, _ = double.handle("GET", path, query or {}, {}, b"")
+    def get(path, query=None, method="GET", body=b""):
+        status, payload, _ = double.handle(method, path, query or {}, {}, body)
         assert status == 200
         return json.loads(payload if isinstance(payload, bytes) else json.dumps(payload))
     return {"registration": get("/v1/agent/service/www-sidecar-proxy"),
@@ -241,12 +278,16 @@ def agent_answers(double) -> dict:
             "roots": get("/v1/agent/connect/ca/roots"),
             "leaf": get("/v1/agent/connect/ca/leaf/www"),
             "intentions": get("/v1/connect/intentions/match", {"by": "destination", "name": "www"}),
-            "authorize": {"Authorized": False, "Reason": "Matched L4 intention: default/* => default/www"}}
+            "authorize": {"Authorized": False, "Reason": "Matched L4 intention: default/* => default/www"},
+            # As meshgen asks for it: billing's Config sets its protocol and connect timeout.
+            "chain": get("/v1/discovery-chain/billing", method="POST",
+                         body=b'{"OverrideConnectTimeout": "1500ms", "OverrideProtocol": "http2"}')}
 
 
 ENDPOINTS = {"registration": "/v1/agent/service/www-sidecar-proxy", "health": "/v1/health/connect/redis",
              "roots": "/v1/agent/connect/ca/roots", "leaf": "/v1/agent/connect/ca/leaf/www",
-             "intentions": "/v1/connect/intentions/match", "authorize": "/v1/agent/connect/authorize"}
+             "intentions": "/v1/connect/intentions/match", "authorize": "/v1/agent/connect/authorize",
+             "chain": "/v1/discovery-chain/billing"}
 
 
 def broken_answer(case, answers: dict) -> tuple[str, object]:

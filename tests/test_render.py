@@ -376,3 +376,24 @@ def test_an_upstream_with_no_config_entries_renders_as_before():
     resolved = meshgen.resolve_upstream(upstream, chain, {t.query: meshgen.Reply([], 1) for t in chain.targets})
     assert resolved.routes == () and [b.name for b in resolved.backends] == ["upstream_api"]
     assert (resolved.protocol, resolved.backends[0].connect_timeout_ms, resolved.backends[0].about) == ("tcp", 5000, ())
+
+
+def test_settings_of_newer_consul_that_meshgen_does_not_render_are_named():
+    """A resolver's LoadBalancer and a route's header changes (Consul 1.9+, 1.11+) change what
+    Envoy does: meshgen says it does not apply them rather than route differently in silence.
+    A resolver's RequestTimeout (1.15+) is applied to the routes that set none."""
+    data = _compiled([HTTP_API, {"Kind": "service-router", "Name": "api", "Routes": [
+        {"Match": {"HTTP": {"PathPrefix": "/a"}}, "Destination": {"RequestTimeout": "2s"}}]}])
+    chain = data["Chain"]
+    chain["Nodes"]["resolver:api.default.dc1"]["Resolver"].update(
+        LoadBalancer={"Policy": "ring_hash"}, RequestTimeout="9s")
+    chain["Nodes"]["router:api.default"]["Routes"][0]["Definition"]["Destination"]["RequestHeaders"] = {
+        "Add": {"x-a": "1"}}
+    upstream = _api_upstream()
+    parsed = meshgen.parse_chain(data, upstream)
+    assert parsed.unapplied == (
+        "resolver:api.default.dc1: LoadBalancer policy 'ring_hash' is not applied (HAProxy balances round robin)",
+        "route-1: Destination.RequestHeaders is not applied")
+    resolved = meshgen.resolve_upstream(upstream, parsed, {t.query: meshgen.Reply([], 1) for t in parsed.targets})
+    assert {b.name: b.request_timeout_ms for b in resolved.backends} == {
+        "upstream_api:api.default.dc1:timeout-2000ms": 2000, "upstream_api:api.default.dc1": 9000}

@@ -22,7 +22,8 @@ from real_consul import RealAgent
 
 class MeshApp(ThreadingHTTPServer):
     """An instance of `service` elsewhere in the mesh: mutual TLS with a leaf of `service` from
-    the agent; answers every request with `<tag> <path>`, after `delay` seconds for /slow."""
+    the agent; answers every request with `<tag> <path>`: /slow after 3 s, /fail-N-... with
+    503 the first N times it is asked for."""
     daemon_threads = True
 
     def __init__(self, agent, directory: Path, service: str, tag: str):
@@ -32,6 +33,8 @@ class MeshApp(ThreadingHTTPServer):
         context.load_verify_locations(str(identity.roots))
         context.verify_mode = ssl.CERT_REQUIRED
 
+        asked: dict[str, int] = {}
+
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True      # headers and body go in two writes
@@ -39,8 +42,10 @@ class MeshApp(ThreadingHTTPServer):
             def do_GET(self):
                 if self.path.startswith("/slow"):
                     time.sleep(3)
+                asked[self.path] = asked.get(self.path, 0) + 1
+                failing = self.path.startswith("/fail-") and asked[self.path] <= int(self.path.split("-")[1])
                 body = f"{tag} {self.path}".encode()
-                self.send_response(200)
+                self.send_response(503 if failing else 200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -317,6 +322,23 @@ def test_the_connect_timeout_and_the_request_timeout_fire(mesh):
         assert mesh.get("/fast") == (200, "api-1 /fast")
     finally:
         blackhole.close()
+
+
+def test_a_route_retries_on_the_status_codes_it_names_as_often_as_it_says(mesh):
+    """RetryOnStatusCodes with NumRetries 2: a request the app fails twice still gets its 200, one
+    it fails three times does not; a route without retries passes the first 503 on."""
+    api = mesh.api
+    mesh.http(api)
+    mesh.config({"Kind": "service-router", "Name": api, "Routes": [
+        {"Match": {"HTTP": {"PathPrefix": "/fail-"}}, "Destination": {"NumRetries": 2, "RetryOnStatusCodes": [503]}}]})
+    mesh.instance(api, "api-1")
+    mesh.render_until(lambda: mesh.landed("/ready") == "api-1")
+    assert mesh.get("/fail-2-a") == (200, "api-1 /fail-2-a")
+    assert mesh.get("/fail-3-b")[0] == 503
+    mesh.config({"Kind": "service-router", "Name": api, "Routes": [
+        {"Match": {"HTTP": {"PathPrefix": "/other"}}, "Destination": {"NumRetries": 2, "RetryOnStatusCodes": [503]}}]})
+    mesh.render_until(lambda: "/other" in (mesh.out / "haproxy.cfg").read_text())
+    assert mesh.get("/fail-1-c")[0] == 503
 
 
 def test_a_config_entry_change_reaches_haproxy_under_start_sh(mesh):

@@ -5,6 +5,7 @@ same fault it runs too."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import uuid
@@ -115,17 +116,43 @@ def test_the_minimal_acl_policy_is_enough_and_each_rule_is_needed(real_consul_ac
 
 
 def test_a_token_that_cannot_read_an_upstream_is_an_error_not_an_empty_backend(acl_agent, any_haproxy, tmp_path):
-    """Consul 1.8.7 answers [] at index 1 for a service the token may not read, and does not
-    block on it; current Consul adds X-Consul-Results-Filtered-By-ACLs. Either way the upstream
-    is not empty, it is hidden, and the sidecar must say so."""
+    """Without read on the upstream, its discovery chain is refused (403 naming the rule). With
+    it, a chain can still lead to a service the token may not read (here a redirect): Consul
+    1.8.7 answers that service's instances with [] at index 1 and does not block on it, current
+    Consul adds X-Consul-Results-Filtered-By-ACLs. Either way nothing is empty, it is hidden, and
+    the sidecar says so in one line and writes nothing."""
     load_seed(acl_agent)
-    token = sidecar_token(acl_agent, 'service_prefix "www" { policy = "write" }\nnode_prefix "" { policy = "read" }')
+    www = {"service_prefix:www": "write", "node_prefix:": "read"}
+    www_hcl = 'service_prefix "www" { policy = "write" }\nnode_prefix "" { policy = "read" }'
     code, err = render(acl_agent, tmp_path / "out", any_haproxy,
-                       env=agent_env(acl_agent, CONSUL_HTTP_TOKEN=token))
+                       env=agent_env(acl_agent, CONSUL_HTTP_TOKEN=sidecar_token(acl_agent, www_hcl)))
+    assert code == 1, err
+    refused = "meshgen: error: POST /v1/discovery-chain/redis: 403 Permission denied"
+    if isinstance(acl_agent, RealAgent):         # 1.8.7's 403 bodies name nothing
+        assert err.strip() == refused, err
+    else:                                        # current Consul's name the token and the rule
+        assert re.fullmatch(re.escape(refused) + r": token with AccessorID '[0-9a-f-]+' lacks permission "
+                            r"'service:read' on \"redis\"", err.strip()), err
+    if isinstance(acl_agent, RealAgent):
+        token = acl_agent.create_token(www_hcl + '\nservice_prefix "redis" { policy = "read" }')
+        acl_agent.call("PUT", "/v1/config", json={"Kind": "service-resolver", "Name": "redis",
+                                                   "Redirect": {"Service": "cache"}})
+        acl_agent.register({"Kind": "connect-proxy", "ID": "cache-sidecar-proxy", "Name": "cache-sidecar-proxy",
+                            "Address": "127.0.0.1", "Port": free_port(), "Proxy": {"DestinationServiceName": "cache"}})
+    else:
+        token = acl_agent.add_token(dict(www, **{"service_prefix:redis": "read"}), secret=str(uuid.uuid4()))
+        acl_agent.set_config({"Kind": "service-resolver", "Name": "redis", "Redirect": {"Service": "cache"}})
+        acl_agent.add_instance("cache", "127.0.0.1", free_port())
+    try:
+        code, err = render(acl_agent, tmp_path / "out", any_haproxy, env=agent_env(acl_agent, CONSUL_HTTP_TOKEN=token))
+    finally:
+        if isinstance(acl_agent, RealAgent):
+            acl_agent.call("DELETE", "/v1/config/service-resolver/redis")
+            acl_agent.deregister("cache-sidecar-proxy")
     assert code == 1, err
     assert err.strip().splitlines() == [
-        "meshgen: error: GET /v1/health/connect/redis: the agent hid the instances of upstream 'redis': "
-        "the token cannot read them (it needs service:read on 'redis' and its sidecars, and node:read)"]
+        "meshgen: error: GET /v1/health/connect/cache: the agent hid the instances of 'cache': "
+        "the token cannot read them (it needs service:read on 'cache' and its sidecars, and node:read)"]
     assert not (tmp_path / "out" / meshgen.LIVE).exists()
 
 

@@ -46,6 +46,7 @@ CHANGES = {
     "roots": lambda d: d.rotate_root(reissue_leaves=False),
     "leaf": lambda d: d.renew_leaf("www"),
     "instances": lambda d: d.add_instance("redis", "10.0.0.9", 21000),
+    "chain": lambda d: d.set_config({"Kind": "service-resolver", "Name": "redis", "ConnectTimeout": "2s"}),
 }
 
 
@@ -70,13 +71,15 @@ REAL_CHANGES = {
                 config={"max_inbound_connections": 9}))})}),
     "roots": lambda agent, names: agent.rotate_root(),
     "instances": lambda agent, names: agent.deregister(names["redis_sidecar"]),
+    "chain": lambda agent, names: agent.call("PUT", "/v1/config", json={
+        "Kind": "service-resolver", "Name": names["redis"], "ConnectTimeout": "2s"}),
 }
 
 
 @pytest.mark.parametrize("change", sorted(REAL_CHANGES))
 def test_a_change_on_a_real_agent_ends_the_wait(consul, change, any_haproxy, tmp_path, request):
     """The same on Consul 1.8.7, for what an operator can change there at will: a new
-    registration, a CA rotation (a new key), an instance leaving. (A leaf is renewed only by
+    registration, a CA rotation (a new key), an instance leaving, a config entry written. (A leaf is renewed only by
     its agent, about 20 s after a rotation on 1.8.7, so that case runs on the double alone.)
     An agent of its own: a rotation on the session's agent would re-issue other tests' leaves."""
     process = ConsulProcess(consul).start()
@@ -86,7 +89,7 @@ def test_a_change_on_a_real_agent_ends_the_wait(consul, change, any_haproxy, tmp
     listener = socket.create_server(("127.0.0.1", 0))
     load_seed(agent, suffix, sidecar_ports={"www": free_port(), "redis": listener.getsockname()[1]})
     wait_passing(agent, "redis" + suffix, f"redis{suffix}-sidecar-proxy")
-    names = {"redis_sidecar": f"redis{suffix}-sidecar-proxy",
+    names = {"redis_sidecar": f"redis{suffix}-sidecar-proxy", "redis": "redis" + suffix,
              "www_definition": seed_definition("www", suffix)}
     out = tmp_path / "out"
     try:
