@@ -1746,12 +1746,23 @@ def render(sidecar: Sidecar, certs: Certificates, intentions: "Intentions", out_
     return render_into(out_dir.resolve() / name, sidecar, certs, intentions, admin_socket)
 
 
+def _compiled_templates() -> jinja2.BytecodeCache | None:
+    """Jinja2's own cache of compiled templates, between runs: compiling the templates was most
+    of a run with nothing to change (80 of its 110 ms after the imports). Jinja2 keeps it in a
+    directory of the user's, 0700 (`$TMPDIR/_jinja2-cache-UID`), checks that, and rejects an
+    entry whose template changed. Without a usable directory, templates compile each run."""
+    try:
+        return jinja2.FileSystemBytecodeCache()
+    except (OSError, RuntimeError):
+        return None
+
+
 def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, intentions: "Intentions",
                 admin_socket: Path) -> Bundle:
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resource("templates/haproxy.cfg.j2").parent)),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
-        lstrip_blocks=True, autoescape=False)
+        lstrip_blocks=True, autoescape=False, bytecode_cache=_compiled_templates())
     values = dict(sidecar=sidecar, trust_domain=certs.trust_domain, intentions=intentions,
                   bundle=str(bundle_dir), admin_socket=str(admin_socket), intentions_map=INTENTIONS_MAP,
                   callers_map=CALLERS_MAP)

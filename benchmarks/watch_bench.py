@@ -12,7 +12,7 @@ sidecar costs the agent. Prints figures.
 3. Agent requests while nothing changes: `render --wait` periods, counted per endpoint, beside
    the old PoC's loop (a request per endpoint every 10 s, the leaf fetched on every cycle).
 
-    python3 benchmarks/watch_bench.py [--haproxy PATH|all] [--trials 15] [--churn-seconds 60]
+    python3 benchmarks/watch_bench.py [--haproxy PATH|all] [--trials 15] [--churn-seconds 60] [--parts 1,2,3]
 """
 from __future__ import annotations
 
@@ -190,13 +190,14 @@ def idle_requests(haproxy: str, scratch: Path, periods: int, upstreams: int) -> 
     per_period = (double.count() - before) / periods
     elapsed = time.monotonic() - start
     double.stop()
-    endpoints = 3 + upstreams    # registration, roots, leaf, and each upstream's health
+    watched = 4 + 2 * upstreams    # registration, roots, leaf, intentions; each upstream's chain and health
+    polled = 3 + upstreams         # the PoC's loop: registration, roots, leaf, each upstream's health
     print(f"\nidle, {upstreams} upstreams, {periods} wait periods of 1 s (standing in for 5 min) "
           f"in {elapsed:.1f} s:")
     print(f"  meshgen --wait: {per_period:.1f} agent requests per wait period "
-          f"({endpoints} watched endpoints), {per_period * 12:.0f} per hour with --wait 5m")
-    print(f"  old PoC loop:   {endpoints} requests every 10 s (the leaf on every cycle), "
-          f"{endpoints * 360} per hour")
+          f"({watched} watched endpoints), {per_period * 12:.0f} per hour with --wait 5m")
+    print(f"  old PoC loop:   {polled} requests every 10 s (the leaf on every cycle), "
+          f"{polled * 360} per hour")
 
 
 def main() -> None:
@@ -205,13 +206,17 @@ def main() -> None:
                         help="an HAProxy binary, or `all`: every build install-deps.sh installed, in turn")
     parser.add_argument("--trials", type=int, default=15)
     parser.add_argument("--churn-seconds", type=float, default=60)
+    parser.add_argument("--parts", default="1,2,3")
     args = parser.parse_args()
     for build in haproxy_builds(args.haproxy):
         print(f"\n=== HAProxy {build.version} (Lua {build.lua}, OpenSSL {build.openssl}); {os.cpu_count()} cores")
         with tempfile.TemporaryDirectory() as tmp:
-            change_to_live(build.path, args.trials, Path(tmp))
-            churn(build.path, Path(tmp), args.churn_seconds)
-            idle_requests(build.path, Path(tmp), periods=5, upstreams=3)
+            if "1" in args.parts:
+                change_to_live(build.path, args.trials, Path(tmp))
+            if "2" in args.parts:
+                churn(build.path, Path(tmp), args.churn_seconds)
+            if "3" in args.parts:
+                idle_requests(build.path, Path(tmp), periods=5, upstreams=3)
 
 
 if __name__ == "__main__":

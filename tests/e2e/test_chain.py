@@ -207,6 +207,14 @@ def mesh(agent, any_haproxy, tmp_path):
     built.close()
 
 
+@pytest.fixture
+def mesh_on_each_haproxy(agent, haproxy, tmp_path):
+    """For what HAProxy's own rules do (routing, rewriting, L7 retries): on every version."""
+    built = ChainMesh(agent, haproxy, tmp_path)
+    yield built
+    built.close()
+
+
 def test_a_canary_split_holds_its_weights(mesh):
     """service-splitter 90/10 across two subsets: over 2000 requests, within 5 points."""
     api = mesh.api
@@ -224,9 +232,10 @@ def test_a_canary_split_holds_its_weights(mesh):
     assert abs(landed.count("api-v2") / 2000 - 0.10) < 0.05, landed.count("api-v2")
 
 
-def test_routes_send_by_path_header_and_query_and_rewrite_the_prefix(mesh):
+def test_routes_send_by_path_header_and_query_and_rewrite_the_prefix(mesh_on_each_haproxy):
     """service-router: /admin/ to another service with its prefix rewritten; a header and a query
     parameter each to the v2 subset; everything else to the default subset, v1."""
+    mesh = mesh_on_each_haproxy
     api, admin = mesh.api, mesh.name("admin")
     mesh.http(api, admin)
     mesh.config({"Kind": "service-resolver", "Name": api, "DefaultSubset": "v1", "Subsets": {
@@ -324,9 +333,10 @@ def test_the_connect_timeout_and_the_request_timeout_fire(mesh):
         blackhole.close()
 
 
-def test_a_route_retries_on_the_status_codes_it_names_as_often_as_it_says(mesh):
+def test_a_route_retries_on_the_status_codes_it_names_as_often_as_it_says(mesh_on_each_haproxy):
     """RetryOnStatusCodes with NumRetries 2: a request the app fails twice still gets its 200, one
     it fails three times does not; a route without retries passes the first 503 on."""
+    mesh = mesh_on_each_haproxy
     api = mesh.api
     mesh.http(api)
     mesh.config({"Kind": "service-router", "Name": api, "Routes": [
