@@ -350,12 +350,12 @@ def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstre
         roots = pool.submit(client.get, "/v1/agent/connect/ca/roots")
         leaf = pool.submit(client.get, f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}")
         intentions = pool.submit(fetch_intentions, client, service)
-        chained = [u for u in upstreams if u.follows_chain]
-        firsts = {q: pool.submit(fetch_chain if q.path.startswith(CHAIN_PATH) else fetch_instances, client, q)
-                  for q in [chain_query(u) for u in chained] + [direct_query(u) for u in upstreams
-                                                                 if not u.follows_chain]}
+        chained = {u: chain_query(u) for u in upstreams if u.follows_chain}
+        firsts = {q: pool.submit(fetch_chain, client, q) for q in chained.values()}
+        firsts |= {q: pool.submit(fetch_instances, client, q)
+                   for q in [direct_query(u) for u in upstreams if not u.follows_chain]}
         answers = {q: future.result() for q, future in firsts.items()}
-        chains = {u.key: parse_chain(answers[chain_query(u)].data, u) for u in chained}
+        chains = {u.key: parse_chain(answers[q].data, u) for u, q in chained.items()}
         targets = sorted({t.query for chain in chains.values() for t in chain.targets})
         seconds = {q: pool.submit(fetch_instances, client, q) for q in targets}
         answers.update((q, future.result()) for q, future in seconds.items())
@@ -1110,6 +1110,7 @@ class ChainResolver:
     targets: tuple[Target, ...]          # its own, then its failover targets in order
     connect_timeout_ms: int
     request_timeout_ms: int | None = None    # Consul 1.15+: for routes that set none
+    unapplied: tuple[str, ...] = ()          # what it asks that meshgen does not render
 
 
 @dataclass(frozen=True)
@@ -1119,6 +1120,7 @@ class ChainRoute:
     rewrite: tuple[str, str] | None
     request_timeout_ms: int | None
     retries: Retries | None
+    unapplied: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1126,11 +1128,15 @@ class Chain:
     protocol: str
     routes: tuple[ChainRoute, ...]       # a chain with no router: one route that catches all
     resolvers: tuple[ChainResolver, ...]
-    unapplied: tuple[str, ...] = ()      # what the chain asks that meshgen does not render
 
     @property
     def targets(self) -> tuple[Target, ...]:
         return tuple(t for r in self.resolvers for t in r.targets)
+
+    @property
+    def unapplied(self) -> tuple[str, ...]:
+        """What the chain asks that meshgen does not render, for `render` to name."""
+        return tuple(text for part in self.resolvers + self.routes for text in part.unapplied)
 
 
 def parse_chain(data: dict, upstream: Upstream) -> Chain:
@@ -1170,36 +1176,19 @@ def parse_chain(data: dict, upstream: Upstream) -> Chain:
 
     start = chain.get("StartNode")
     if node(start).get("Type") == "router":
-        routes = tuple(parse_route(raw, f"{field}.Nodes[{start}].Routes[{i}]", splits)
+        routes = tuple(parse_route(raw, f"{field}.Nodes[{start}].Routes[{i}]", f"route-{i + 1}", splits)
                        for i, raw in enumerate(_list(node(start).get("Routes"), f"{field}.Nodes[{start}].Routes")))
         if not routes or routes[-1].matches:
             raise MeshgenError(f"{field}.Nodes[{start}].Routes: the last route must catch every request")
     else:
         routes = (ChainRoute((), tuple(splits(start)), None, None, None),)
     used = sorted({resolver for route in routes for _, resolver in route.splits})
-    return Chain(protocol, routes, tuple(parse_resolver(name, node(name), targets, field) for name in used),
-                 unapplied_settings(chain, start, used))
+    return Chain(protocol, routes, tuple(parse_resolver(name, node(name), targets, field) for name in used))
 
 
 # Chain settings of newer Consul versions that meshgen does not render; `render` names them
 # rather than route differently from Envoy in silence.
 UNAPPLIED_DESTINATION = ("RequestHeaders", "ResponseHeaders", "RetryOn", "IdleTimeout")
-
-
-def unapplied_settings(chain: dict, start: str, resolvers: list[str]) -> tuple[str, ...]:
-    found = []
-    for name in resolvers:
-        policy = ((chain["Nodes"][name].get("Resolver") or {}).get("LoadBalancer") or {})
-        policy = policy.get("Policy") if isinstance(policy, dict) else None
-        if policy not in (None, "", "round_robin"):
-            found.append(f"{name}: LoadBalancer policy {_safe_reason(str(policy))!r} is not applied "
-                         "(HAProxy balances round robin)")
-    routes = chain["Nodes"][start].get("Routes") if chain["Nodes"][start].get("Type") == "router" else []
-    for i, route in enumerate(routes or []):
-        destination = ((route or {}).get("Definition") or {}).get("Destination") or {}
-        found += [f"route-{i + 1}: Destination.{key} is not applied" for key in UNAPPLIED_DESTINATION
-                  if isinstance(destination, dict) and destination.get(key)]
-    return tuple(found)
 
 
 def parse_resolver(name: str, raw: dict, targets: dict, field: str) -> ChainResolver:
@@ -1212,10 +1201,14 @@ def parse_resolver(name: str, raw: dict, targets: dict, field: str) -> ChainReso
         raise MeshgenError(f"{field}.Failover: not an object")
     ids = [resolver.get("Target")] + _list(failover.get("Targets"), f"{field}.Failover.Targets")
     timeout, request_timeout = resolver.get("ConnectTimeout"), resolver.get("RequestTimeout")
+    policy = resolver.get("LoadBalancer")
+    policy = policy.get("Policy") if isinstance(policy, dict) else None
+    unapplied = () if policy in (None, "", "round_robin") else (
+        f"{name}: LoadBalancer policy {_safe_reason(str(policy))!r} is not applied (HAProxy balances round robin)",)
     return ChainResolver(name, tuple(parse_target(target_id, targets, field) for target_id in ids),
                          check_duration_ms(timeout, f"{field}.ConnectTimeout") if timeout else 5000,
                          check_duration_ms(request_timeout, f"{field}.RequestTimeout") or None
-                         if request_timeout else None)
+                         if request_timeout else None, unapplied)
 
 
 def parse_target(target_id, targets: dict, field: str) -> Target:
@@ -1235,7 +1228,7 @@ def parse_target(target_id, targets: dict, field: str) -> Target:
                   expression, subset.get("OnlyPassing") is True)
 
 
-def parse_route(raw, field: str, splits) -> ChainRoute:
+def parse_route(raw, field: str, label: str, splits) -> ChainRoute:
     """One route of a router node: its matches, where it leads, and its destination's settings."""
     if not isinstance(raw, dict) or not isinstance(raw.get("Definition"), dict):
         raise MeshgenError(f"{field}.Definition: not an object")
@@ -1263,7 +1256,9 @@ def parse_route(raw, field: str, splits) -> ChainRoute:
     timeout = destination.get("RequestTimeout")
     return ChainRoute(matches, tuple(splits(raw.get("NextNode"))), rewrite,
                       check_duration_ms(timeout, f"{dfield}.RequestTimeout") or None if timeout else None,
-                      parse_retries(destination, dfield))
+                      parse_retries(destination, dfield),
+                      tuple(f"{label}: Destination.{key} is not applied" for key in UNAPPLIED_DESTINATION
+                            if destination.get(key)))
 
 
 def parse_retries(destination: dict, field: str) -> Retries | None:

@@ -185,6 +185,13 @@ class RealAgent:
         accessor = self.call("GET", "/v1/acl/token/self", token=secret).json()["AccessorID"]
         self.call("DELETE", f"/v1/acl/token/{accessor}")
 
+    def set_config(self, entry: dict) -> None:
+        """A config entry written as an operator writes it (`PUT /v1/config`)."""
+        self.call("PUT", "/v1/config", json=entry)
+
+    def delete_config(self, kind: str, name: str) -> None:
+        self.call("DELETE", f"/v1/config/{kind}/{name}")
+
     def leaf(self, service: str) -> dict:
         return self.call("GET", f"/v1/agent/connect/ca/leaf/{service}").json()
 

@@ -340,20 +340,6 @@ def test_real_agent_fixture_is_what_it_claims(agent):
 
 # 12. discovery chains -----------------------------------------------------------------------
 
-def _put_config(agent, entry: dict) -> None:
-    if isinstance(agent, RealAgent):
-        agent.call("PUT", "/v1/config", json=entry)
-    else:
-        agent.set_config(entry)
-
-
-def _delete_config(agent, kind: str, name: str) -> None:
-    if isinstance(agent, RealAgent):
-        agent.call("DELETE", f"/v1/config/{kind}/{name}")
-    else:
-        agent.delete_config(kind, name)
-
-
 def _comparable(chain: dict, suffix: str) -> dict:
     """A compiled chain with the names a test chose made plain again, and without what names the
     cluster (SNI, Name)."""
@@ -394,13 +380,13 @@ def test_discovery_chains_compile_as_consul_compiles_them(agent):
     plain = get(agent, f"/v1/discovery-chain/{admin}").json()["Chain"]
     try:
         for entry in entries:
-            _put_config(agent, entry)
+            agent.set_config(entry)
         chains = {name: get(agent, f"/v1/discovery-chain/{name}").json()["Chain"] for name in (api, old)}
         overridden = requests.post(f"{agent.url}/v1/discovery-chain/{api}", timeout=15, json={
             "OverrideProtocol": "tcp", "OverrideConnectTimeout": "7s"}).json()["Chain"]
     finally:
         for entry in reversed(entries):
-            _delete_config(agent, entry["Kind"], entry["Name"])
+            agent.delete_config(entry["Kind"], entry["Name"])
     compared = {name: _comparable(chain, suffix) for name, chain in
                 {"plain": plain, "api": chains[api], "old": chains[old], "tcp": overridden}.items()}
     assert compared == EXPECTED_CHAINS

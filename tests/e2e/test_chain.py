@@ -111,10 +111,7 @@ class ChainMesh:
         return service + self.suffix
 
     def config(self, entry: dict) -> None:
-        if self.real:
-            self.agent.call("PUT", "/v1/config", json=entry)
-        else:
-            self.agent.set_config(entry)
+        self.agent.set_config(entry)
         self.entries.append((entry["Kind"], entry["Name"]))
 
     def http(self, *services: str) -> None:
@@ -196,7 +193,7 @@ class ChainMesh:
             for kind in ("service-router", "service-splitter", "service-resolver", "service-defaults"):
                 for entry_kind, name in set(self.entries):
                     if entry_kind == kind:
-                        self.agent.call("DELETE", f"/v1/config/{kind}/{name}")
+                        self.agent.delete_config(kind, name)
             self.agent.deregister(self.web)
 
 
@@ -375,10 +372,7 @@ def test_a_config_entry_change_reaches_haproxy_under_start_sh(mesh):
         lands_only({"api-v1"})
         mesh.config({"Kind": "service-resolver", "Name": api, "DefaultSubset": "v2", "Subsets": subsets})
         lands_only({"api-v2"})
-        if mesh.real:
-            mesh.agent.call("DELETE", f"/v1/config/service-resolver/{api}")
-        else:
-            mesh.agent.delete_config("service-resolver", api)
+        mesh.agent.delete_config("service-resolver", api)
         lands_only({"api-v1", "api-v2"})
         assert script.process.poll() is None and script.log().count("starting HAProxy") == 1
     finally:

@@ -135,19 +135,17 @@ def test_a_token_that_cannot_read_an_upstream_is_an_error_not_an_empty_backend(a
                             r"'service:read' on \"redis\"", err.strip()), err
     if isinstance(acl_agent, RealAgent):
         token = acl_agent.create_token(www_hcl + '\nservice_prefix "redis" { policy = "read" }')
-        acl_agent.call("PUT", "/v1/config", json={"Kind": "service-resolver", "Name": "redis",
-                                                   "Redirect": {"Service": "cache"}})
         acl_agent.register({"Kind": "connect-proxy", "ID": "cache-sidecar-proxy", "Name": "cache-sidecar-proxy",
                             "Address": "127.0.0.1", "Port": free_port(), "Proxy": {"DestinationServiceName": "cache"}})
     else:
         token = acl_agent.add_token(dict(www, **{"service_prefix:redis": "read"}), secret=str(uuid.uuid4()))
-        acl_agent.set_config({"Kind": "service-resolver", "Name": "redis", "Redirect": {"Service": "cache"}})
         acl_agent.add_instance("cache", "127.0.0.1", free_port())
+    acl_agent.set_config({"Kind": "service-resolver", "Name": "redis", "Redirect": {"Service": "cache"}})
     try:
         code, err = render(acl_agent, tmp_path / "out", any_haproxy, env=agent_env(acl_agent, CONSUL_HTTP_TOKEN=token))
     finally:
         if isinstance(acl_agent, RealAgent):
-            acl_agent.call("DELETE", "/v1/config/service-resolver/redis")
+            acl_agent.delete_config("service-resolver", "redis")
             acl_agent.deregister("cache-sidecar-proxy")
     assert code == 1, err
     assert err.strip().splitlines() == [

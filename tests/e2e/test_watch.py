@@ -71,7 +71,7 @@ REAL_CHANGES = {
                 config={"max_inbound_connections": 9}))})}),
     "roots": lambda agent, names: agent.rotate_root(),
     "instances": lambda agent, names: agent.deregister(names["redis_sidecar"]),
-    "chain": lambda agent, names: agent.call("PUT", "/v1/config", json={
+    "chain": lambda agent, names: agent.set_config({
         "Kind": "service-resolver", "Name": names["redis"], "ConnectTimeout": "2s"}),
 }
 
