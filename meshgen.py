@@ -377,13 +377,16 @@ def fetch_intentions(client: ConsulClient, service: str) -> Reply | AgentUnavail
 
 
 def _fetch_intentions(client: ConsulClient, service: str) -> Reply:
+    # The index first: an intention written between the two reads then moves the index past
+    # the one recorded, and the next --wait wakes for it. Read second, it would mark the write
+    # as seen while the match list predates it, and the revocation would be lost for good.
+    index = client.get(INTENTIONS_PATH).index
     reply = client.get(f"{INTENTIONS_PATH}/match", {"by": "destination", "name": service})
     if not isinstance(reply.data, dict):
         raise MeshgenError(f"GET {INTENTIONS_PATH}/match: expected a JSON object")
     entries = reply.data.get(service) or []     # null on 1.8.7 when none match
     if not isinstance(entries, list):
         raise MeshgenError(f"GET {INTENTIONS_PATH}/match: {service}: expected a JSON list of intentions")
-    index = client.get(INTENTIONS_PATH).index
     return Reply(entries, index)
 
 
@@ -597,7 +600,15 @@ def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, pol
 
 PROTOCOLS = ("tcp", "http", "http2", "grpc")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+# One grammar per kind of address, ASCII only: Python's ipaddress alone also takes an IPv6 zone
+# ID ("fe80::1%eth0"), and a zone ID may hold spaces, newlines and quotes.
+_IPV4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]{2,45}")       # then ipaddress checks the groups; no "%zone"
+_HOSTNAME = re.compile(r"(?=[A-Za-z0-9_.-]{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+# A host name as Docker and Consul register them: labels may hold "_" (myproj_redis_1); the last
+# is not all digits, so that libc never reads a name as a shortened IPv4 address ("10.1").
+_DNS_NAME = re.compile(r"(?=[A-Za-z0-9_.-]{1,253}\Z)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})\.)*"
+                       r"(?![0-9]+\.?\Z)[A-Za-z0-9_][A-Za-z0-9_-]{0,62}\.?")
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+-]{0,250}")
 _URL_PATH = re.compile(r"/[A-Za-z0-9_./~%+-]{0,250}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -638,14 +649,19 @@ def check_int(value, field: str, minimum: int = 0) -> int:
 
 
 def check_host(value, field: str) -> str:
-    """An IP address or a DNS name: nothing else may reach an address in haproxy.cfg."""
+    """An IPv4 address, an IPv6 address without a zone, or a DNS name: nothing else may reach an
+    address in haproxy.cfg."""
     if isinstance(value, str):
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            if _HOSTNAME.fullmatch(value):
-                return value
-    raise MeshgenError(f"{field}: {value!r} is not an IP address or host name")
+        if _IPV4.fullmatch(value):
+            return value
+        if ":" in value and _IPV6.fullmatch(value):
+            try:
+                return str(ipaddress.IPv6Address(value))
+            except ValueError:
+                pass
+        elif _DNS_NAME.fullmatch(value):
+            return value
+    raise MeshgenError(f"{field}: {value!r} is not an IP address (IPv6 without a zone) or host name")
 
 
 def check_path(value, field: str) -> str:

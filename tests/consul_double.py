@@ -269,6 +269,9 @@ class ConsulDouble:
         self.faults: dict[str, Fault] = {}
         self.requests: dict[str, int] = {}
         self.request_log: list[tuple[str, str, dict]] = []
+        # Called with (method, path) once an answer is computed, before it is sent: a test can
+        # change the state between any two reads of a run.
+        self.after_answer = None
         self.latency = 0.0
         self.connections: set = set()
         self.restores = 0
@@ -1324,6 +1327,8 @@ def _handler_for(agent: ConsulDouble):
                 return
             try:
                 status, payload, extra = agent.handle(method, parts.path, query, headers, body)
+                if agent.after_answer is not None:
+                    agent.after_answer(method, parts.path)
                 data = payload if isinstance(payload, bytes) else _encode(payload, "pretty" in query)
                 self._send(status, data, "application/json", extra)
             except HTTPError as err:
