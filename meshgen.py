@@ -6,9 +6,11 @@ options and Consul client, fetch, model, certificate checks, render, validate, w
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import difflib
+import fcntl
 import functools
 import hashlib
 import ipaddress
@@ -69,10 +71,15 @@ Exit codes:
 #   live -> .bundle-<digest>    swapped by one rename: the bundle HAProxy runs on
 #   haproxy.cfg -> live/haproxy.cfg, leaf.pem -> live/leaf.pem, ...    stable names
 #   .meshgen-state.json         what the last run saw, for the next run's --wait
+#   (DIR itself is flock'ed by the one run that writes it: no lock file to leave behind)
+#   .meshgen-live-change        names the bundle a run is changing HAProxy to through the runtime
+#                               API, until that run has swapped: left behind, HAProxy holds an
+#                               unknown mix, and the next run asks for a reload
 BUNDLE_PREFIX = ".bundle-"
 STAGE_PREFIX = ".stage-"
 LIVE = "live"
 STATE_FILE = ".meshgen-state.json"
+LIVE_CHANGE_MARKER = ".meshgen-live-change"
 INTENTIONS_MAP = "intentions.map"
 CALLERS_MAP = "callers.map"                      # filled by authorize.lua in HAProxy's memory
 PUBLIC_LISTENER = "public_listener"              # haproxy.cfg's names, as the runtime API knows them
@@ -1914,16 +1921,77 @@ def stage_bundle(out_dir: Path, bundle: Bundle, haproxy: str | None) -> list[str
         raise MeshgenError(_write_error(out_dir, err)) from None
 
 
-def publish_bundle(out_dir: Path, bundle: Bundle, loaded: str) -> None:
+def publish_bundle(out_dir: Path, bundle: Bundle, loaded: str) -> tuple[str, ...]:
     """Steps 3 and 4: the staged `bundle` becomes the live one. `loaded`, the bundle HAProxy
-    runs on, is kept: HAProxy names its files, and the runtime API changes them, by paths in it."""
+    runs on, is kept: HAProxy names its files, and the runtime API changes them, by paths in it.
+    Once the swap is done the bundle is live whatever follows, so a failure of step 4 is a note
+    (returned), never an error: an error would say that nothing changed, and lose the reload."""
     try:
         # 3. One rename of the `live` link: the swap.
         previous = swap_live(out_dir, bundle)
+    except OSError as err:
+        raise MeshgenError(_write_error(out_dir, err)) from None
+    try:
         # 4. The stable names through `live`, then bundles neither HAProxy nor a reload can
         #    still be reading.
         link_names(out_dir, sorted(bundle.files))
         remove_stale(out_dir, {bundle.name, previous, loaded})
+    except OSError as err:
+        return (f"the bundle is live, but tidying --out failed: {_write_error(out_dir, err)}",)
+    return ()
+
+
+LOCK_WAIT_SECONDS = 120.0     # longer than a run takes: fetch, haproxy -c, changes made live
+
+
+@contextlib.contextmanager
+def writer_lock(out_dir: Path, shared: bool, notify):
+    """A flock on --out itself, held from a run's first read of it to its last write: one writer
+    at a time (shared, for a dry run's reads; a dry run creates no directory, since it writes
+    nothing). A run that must wait says so once, and gives up after LOCK_WAIT_SECONDS with
+    nothing written."""
+    try:
+        if not shared:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            if not shared:
+                raise
+            yield
+            return
+    except OSError as err:
+        raise MeshgenError(_write_error(out_dir, err)) from None
+    try:
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise MeshgenError(f"--out {out_dir}: another meshgen kept writing it for "
+                                       f"{LOCK_WAIT_SECONDS:g} s; gave up, nothing written") from None
+                if deadline - time.monotonic() > LOCK_WAIT_SECONDS - 0.05:
+                    notify(f"another meshgen is writing --out {out_dir}: waiting for it "
+                           f"(at most {LOCK_WAIT_SECONDS:g} s)")
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_marker(out_dir: Path, bundle_name: str) -> None:
+    """LIVE_CHANGE_MARKER, durably, before HAProxy is changed live."""
+    tmp = out_dir / f"{LIVE_CHANGE_MARKER}.tmp"
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(bundle_name + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, out_dir / LIVE_CHANGE_MARKER)
+        _fsync_dir(out_dir)
     except OSError as err:
         raise MeshgenError(_write_error(out_dir, err)) from None
 
@@ -2565,26 +2633,28 @@ class RenderResult:
     diff: str = ""
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    interrupted: bool = False     # a run died changing HAProxy live: it holds what no bundle says
 
     @property
     def reload_needed(self) -> bool:
-        return self.changed and not self.applied_live
+        return (self.changed and not self.applied_live) or self.interrupted
 
     @property
     def exit_code(self) -> int:
         return EXIT_CHANGED if self.reload_needed else EXIT_UNCHANGED
 
 
-def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
-               request: RenderRequest) -> RenderResult:
-    """One render, step by step; it prints nothing and decides no exit code."""
+def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str, request: RenderRequest,
+               notify=lambda line: None) -> RenderResult:
+    """One render, step by step; it decides no exit code, and prints only through `notify`, for
+    what the user must know while the run is still under way."""
     out_dir = request.out_dir
-    # 1. What the last run saw: the markers --wait blocks on, the bundle HAProxy has loaded.
-    stored = read_state(out_dir)
-    previous = stored if stored is not None and stored.proxy_id == proxy_id else None
+    # 1. What the last run saw: the markers --wait blocks on.
+    previous = _previous_run(out_dir, proxy_id)
     # 2. With --wait, once there is a last run: block on Consul until something it saw changes;
-    #    meanwhile, with the runtime socket, end connections past their lifetime.
-    if request.wait_seconds is not None and previous is not None and not request.dry_run:
+    #    meanwhile, with the runtime socket, end connections past their lifetime. No lock is
+    #    held while waiting: an operator's run may write meanwhile.
+    if request.wait_seconds and previous is not None and not request.dry_run:
         watcher = ConsulClient(dataclasses.replace(settings, timeout=settings.timeout + request.wait_seconds * 17 / 16),
                                pool_size=request.max_blocking)
         sweep = None
@@ -2594,14 +2664,33 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
         if not wait_for_change(watcher, previous, request.wait_seconds, request.poll_seconds,
                                request.max_blocking, sweep):
             return RenderResult(proxy_id, waited_out=True)
-    # 3. Fetch and model: every value checked, certificates verified.
+    # 3. One writer per --out from here on (a dry run reads under a shared lock): two runs
+    #    interleaved would swap in each other's half-cleaned bundles.
+    with writer_lock(out_dir, request.dry_run, notify):
+        return _render_locked(client, proxy_id, request)
+
+
+def _previous_run(out_dir: Path, proxy_id: str) -> WatchState | None:
+    stored = read_state(out_dir)
+    return stored if stored is not None and stored.proxy_id == proxy_id else None
+
+
+def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) -> RenderResult:
+    """run_render's steps once it holds --out."""
+    out_dir = request.out_dir
+    # 4. What the last run left: its state (again: another run may have written it while this
+    #    one waited), and whether a run died while changing HAProxy live.
+    stored = read_state(out_dir)
+    previous = stored if stored is not None and stored.proxy_id == proxy_id else None
+    interrupted = (out_dir / LIVE_CHANGE_MARKER).exists()
+    # 5. Fetch and model: every value checked, certificates verified.
     model = _fetch_model(client, proxy_id, previous)
     sidecar, certs, intentions, seen = model.sidecar, model.certs, model.intentions, model.seen
-    # 4. Render in memory, and compare with the live bundle before writing anything.
+    # 6. Render in memory, and compare with the live bundle before writing anything.
     bundle = render(sidecar, certs, intentions, out_dir, request.admin_socket)
     live, live_files = live_bundle(out_dir)
     changed = (live, live_files) != (bundle.name, bundle.files)
-    # 5. A dry run stops here, with the diff; a changed bundle is still checked, as a twin
+    # 7. A dry run stops here, with the diff; a changed bundle is still checked, as a twin
     #    rendered for a scratch directory (the real one names its final directory).
     if request.dry_run:
         warnings = []
@@ -2612,43 +2701,59 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
         return RenderResult(proxy_id, changed=changed, diff="".join(bundle_diff(live_files, bundle.files)),
                             notes=model.notes,
                             warnings=tuple(warnings))
-    # 6. Write and check the new bundle (stage_bundle's own steps), not yet live.
+    # 8. Write and check the new bundle (stage_bundle's own steps), not yet live.
     loaded = (previous.loaded_bundle if previous else "") or live or bundle.name
     warnings = stage_bundle(out_dir, bundle, request.haproxy) if changed else []
-    # 7. With --runtime-socket, a change the runtime API can make goes to the running HAProxy,
+    # 9. With --runtime-socket, a change the runtime API can make goes to the running HAProxy,
     #    and counts only once its effect is seen (see "apply live"); anything else is a reload.
-    #    Before the swap: a run killed in between leaves a change the next run sees again.
+    #    Before the swap, under a marker: a run killed in between leaves the marker, and the
+    #    next run asks for a reload, since HAProxy then holds changes no bundle describes.
     plan = None
-    if changed and request.runtime_socket is not None and live is not None:
+    if changed and request.runtime_socket is not None and live is not None and not interrupted:
         plan = plan_live_change(live_files, out_dir.resolve() / live, bundle, out_dir.resolve() / bundle.name,
                                 out_dir.resolve() / loaded, {b.name for u in sidecar.upstreams for b in u.backends})
+    if plan is not None:
+        _write_marker(out_dir, bundle.name)
     why_not = None if plan is None else apply_live(
         RuntimeAPI(request.runtime_socket), out_dir, loaded, plan, _probe_address(sidecar.public_bind),
         certs.serial_number)
     applied = plan is not None and why_not is None
-    # 8. The swap (publish_bundle's own steps): what a reload loads from now on. With nothing
-    #    changed, only what a killed run left behind goes: a run that got as far as its swap
-    #    leaves the next one nothing to change.
+    # 10. The swap (publish_bundle's own steps): what a reload loads from now on. With nothing
+    #     changed, only what a killed run left behind goes: a run that got as far as its swap
+    #     leaves the next one nothing to change. From the swap on, the run has changed the
+    #     bundle whatever fails: failures are notes, and the exit code still asks for the reload.
+    notes = model.notes
     if changed:
-        publish_bundle(out_dir, bundle, loaded)
+        notes += publish_bundle(out_dir, bundle, loaded)
     else:
         try:
             remove_stale(out_dir, {live, loaded})
         except OSError as err:
             raise MeshgenError(_write_error(out_dir, err)) from None
-    if changed and not applied:
+    reload_needed = (changed and not applied) or interrupted
+    if reload_needed:
         loaded = bundle.name    # the wrapper reloads HAProxy on exit 3
-    # 9. What this run saw, for the next; not rewritten when it is the same.
+    if interrupted:
+        notes += ("a run was stopped while it changed HAProxy through the runtime API: HAProxy may hold "
+                  "what no bundle describes, so it must reload",)
+    # 11. What this run saw, for the next; not rewritten when it is the same. Then the marker
+    #     goes: HAProxy holds the live bundle's state, or reloads onto it.
     state = dataclasses.replace(seen, loaded_bundle=loaded)
-    if state != stored:
-        write_state(out_dir, state)
-    # 10. With --runtime-socket: connections past max_connection_lifetime_ms end (a waiting run
+    try:
+        if state != stored:
+            write_state(out_dir, state)
+        (out_dir / LIVE_CHANGE_MARKER).unlink(missing_ok=True)
+    except (MeshgenError, OSError) as err:
+        if not (changed or interrupted):
+            raise MeshgenError(str(err) if isinstance(err, MeshgenError) else _write_error(out_dir, err)) from None
+        notes += (f"the bundle is live, but: {err}; the next run may render again",)
+    # 12. With --runtime-socket: connections past max_connection_lifetime_ms end (a waiting run
     #     also ends them while it waits).
     if request.runtime_socket is not None and sidecar.max_connection_lifetime_ms:
         end_old_connections(RuntimeAPI(request.runtime_socket), sidecar.max_connection_lifetime_ms)
-    return RenderResult(proxy_id, changed=changed, written=changed, applied_live=applied, notes=model.notes,
+    return RenderResult(proxy_id, changed=changed, written=changed, applied_live=applied, notes=notes,
                         live_change=plan.describe() if plan else "", not_live_because=why_not or "",
-                        warnings=tuple(warnings))
+                        warnings=tuple(warnings), interrupted=interrupted)
 
 
 @cli.command("render", epilog=EXIT_CODES_HELP)
@@ -2687,9 +2792,10 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
         runtime_socket=runtime_socket)
     check_path(str(out_dir.resolve()), "--out")
     settings, client, proxy_id = _connect(consul)
-    result = run_render(settings, client, proxy_id, request)
+
     def say(text: str) -> None:
         click.echo(f"meshgen: {proxy_id}: {text}", err=True)
+    result = run_render(settings, client, proxy_id, request, notify=say)
 
     for warning in result.warnings:
         say(f"haproxy -c warns: {warning}")
@@ -2702,6 +2808,8 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
         say(("changed" if result.changed else "unchanged") + " (dry run)")
     elif result.applied_live:
         say(f"changed, applied live through {runtime_socket} and seen to take effect: {result.live_change}")
+    elif result.interrupted:
+        say("reload HAProxy" + (" (and the bundle changed)" if result.changed else ""))
     elif result.not_live_because:
         say(f"changed, not applied live ({result.live_change}): {result.not_live_because}: reload HAProxy")
     else:
