@@ -73,8 +73,9 @@ Exit codes:
 #   .meshgen-state.json         what the last run saw, for the next run's --wait
 #   (DIR itself is flock'ed by the one run that writes it: no lock file to leave behind)
 #   .meshgen-live-change        names the bundle a run is changing HAProxy to through the runtime
-#                               API, until that run has swapped: left behind, HAProxy holds an
-#                               unknown mix, and the next run asks for a reload
+#                               API, until that run has swapped. Left behind by a killed run, it
+#                               tells the next: the same bundle again is made live and swapped;
+#                               any other means HAProxy holds what no bundle says, so reload
 BUNDLE_PREFIX = ".bundle-"
 STAGE_PREFIX = ".stage-"
 LIVE = "live"
@@ -1982,6 +1983,15 @@ def writer_lock(out_dir: Path, shared: bool, notify):
         os.close(fd)
 
 
+def _read_marker(out_dir: Path) -> str | None:
+    try:
+        return (out_dir / LIVE_CHANGE_MARKER).read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise MeshgenError(_write_error(out_dir, err)) from None
+
+
 def _write_marker(out_dir: Path, bundle_name: str) -> None:
     """LIVE_CHANGE_MARKER, durably, before HAProxy is changed live."""
     tmp = out_dir / f"{LIVE_CHANGE_MARKER}.tmp"
@@ -2682,7 +2692,7 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
     #    one waited), and whether a run died while changing HAProxy live.
     stored = read_state(out_dir)
     previous = stored if stored is not None and stored.proxy_id == proxy_id else None
-    interrupted = (out_dir / LIVE_CHANGE_MARKER).exists()
+    cut_short = _read_marker(out_dir)
     # 5. Fetch and model: every value checked, certificates verified.
     model = _fetch_model(client, proxy_id, previous)
     sidecar, certs, intentions, seen = model.sidecar, model.certs, model.intentions, model.seen
@@ -2690,6 +2700,9 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
     bundle = render(sidecar, certs, intentions, out_dir, request.admin_socket)
     live, live_files = live_bundle(out_dir)
     changed = (live, live_files) != (bundle.name, bundle.files)
+    # A run cut short while making HAProxy hold `cut_short`: this run makes the same change
+    # again and swaps, or, when Consul has moved on, HAProxy holds what no bundle says: reload.
+    interrupted = cut_short is not None and cut_short != bundle.name
     # 7. A dry run stops here, with the diff; a changed bundle is still checked, as a twin
     #    rendered for a scratch directory (the real one names its final directory).
     if request.dry_run:
@@ -2706,8 +2719,8 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
     warnings = stage_bundle(out_dir, bundle, request.haproxy) if changed else []
     # 9. With --runtime-socket, a change the runtime API can make goes to the running HAProxy,
     #    and counts only once its effect is seen (see "apply live"); anything else is a reload.
-    #    Before the swap, under a marker: a run killed in between leaves the marker, and the
-    #    next run asks for a reload, since HAProxy then holds changes no bundle describes.
+    #    Before the swap, under a marker that names the bundle: a run killed in between leaves
+    #    it, for the next run to see what HAProxy may hold.
     plan = None
     if changed and request.runtime_socket is not None and live is not None and not interrupted:
         plan = plan_live_change(live_files, out_dir.resolve() / live, bundle, out_dir.resolve() / bundle.name,

@@ -431,3 +431,33 @@ def test_a_run_killed_between_its_live_change_and_its_swap_is_made_good_by_the_n
         assert live.servers_running() == live.servers_rendered()
     finally:
         live.close()
+
+
+def test_a_run_killed_after_its_live_change_then_reverted_in_consul_asks_for_a_reload(double, haproxy, tmp_path,
+                                                                                    monkeypatch):
+    """Killed between its live change and its swap, a run leaves HAProxy holding an instance that
+    the live bundle does not list; if Consul then takes the instance away again, the next
+    render equals the live bundle. It must still ask for the reload that puts HAProxy back on
+    the live bundle, or requests keep landing on the instance Consul removed."""
+    live = LiveSidecar(double, haproxy, tmp_path)
+    extra = PeerSidecar(double, tmp_path / "peers", "api", "api-extra")
+    try:
+        double.add_instance("api", "127.0.0.1", extra.port, service_id="api-extra")
+
+        def killed(*_):
+            raise Killed()
+        monkeypatch.setattr(meshgen, "publish_bundle", killed)
+        with pytest.raises(Killed):
+            live.render()
+        monkeypatch.undo()
+        assert "api-extra" in {live.through_upstream()[0] for _ in range(30)}   # HAProxy took it
+        double.remove_instance("api", "api-extra")                             # Consul reverts
+        result = live.render()
+        assert result.exit_code == 3, result
+        live.haproxy.reload()
+        assert "api-extra" not in {live.through_upstream()[0] for _ in range(30)}
+        assert live.servers_running() == live.servers_rendered()
+        assert live.render().exit_code == 0
+    finally:
+        extra.close()
+        live.close()
