@@ -2247,6 +2247,20 @@ class Connection:
         return (int(now * 1000) - self.since_ms) % 2**32
 
 
+MAP_PIECE_BYTES = 8192      # half of HAProxy's default tune.bufsize: room for the command and path
+
+
+def _pieces(lines: list[str], limit: int) -> list[str]:
+    """Consecutive lines joined into pieces of at most `limit` bytes (a longer line alone)."""
+    pieces, current = [], ""
+    for line in lines:
+        if current and len(current) + len(line) > limit:
+            pieces.append(current)
+            current = ""
+        current += line
+    return pieces + [current] if current else pieces
+
+
 class RuntimeAPI:
     """HAProxy's admin socket, one command per connection."""
 
@@ -2281,13 +2295,18 @@ class RuntimeAPI:
 
     def replace_map(self, path: Path, entries: tuple[tuple[str, str], ...]) -> bool:
         """Every entry of a map at once (a new version, filled, then committed: no lookup sees
-        it half-filled), then whether `show map` lists exactly these entries."""
-        version = re.search(r"New version created: (\d+)", self(f"prepare map {path}"))
+        it half-filled), then whether `show map` lists exactly these entries. The runtime API
+        reads a command into one buffer (tune.bufsize, 16 KiB): a larger `add map` is refused
+        (3.0+) or dropped without a word (2.6.12), so entries go in pieces well below it, and any
+        answer but silence stops the change before its commit."""
+        version = re.fullmatch(r"New version created: (\d+)", self(f"prepare map {path}"))
         if version is None:
             return False
-        payload = "".join(f"{key} {value}\n" for key, value in entries)
-        self(f"add map @{version[1]} {path} <<\n{payload}")
-        self(f"commit map @{version[1]} {path}")
+        for piece in _pieces([f"{key} {value}\n" for key, value in entries], MAP_PIECE_BYTES):
+            if self(f"add map @{version[1]} {path} <<\n{piece}") != "":
+                return False
+        if self(f"commit map @{version[1]} {path}") != "":
+            return False
         shown = set()
         for line in self(f"show map {path}").splitlines():
             _, key, value = (line.split(" ", 2) + ["", ""])[:3]

@@ -331,3 +331,24 @@ def test_l7_intentions_deny_on_a_tcp_service(double, start_sidecar):
     sidecar = start_sidecar()
     assert talk(sidecar.port, sidecar.identity("api").context()) is None
     assert "L7 intention on a tcp service" in sidecar.haproxy.wait_for_log("authz=deny")
+
+
+def test_a_live_change_of_five_thousand_callers_commits_them_all(double, start_sidecar):
+    """Over 16 KiB of map lines: one `add map` of them all was dropped by HAProxy's command
+    buffer (2.6.12 without a word), the empty version committed, and every caller refused."""
+    callers = [f"caller-{n:04d}" for n in range(5000)]
+    for name in callers:
+        double.set_intention(name, "web", "allow")
+    sidecar = start_sidecar()
+    allowed, revoked = sidecar.identity("caller-4999").context(), sidecar.identity("caller-0000").context()
+    assert talk(sidecar.port, allowed) == b"ping\n"
+    double.set_intention("caller-0000", "web", "deny")
+    double.set_intention("newcomer", "web", "deny")
+    result = sidecar.render()
+    assert result.applied_live and result.live_change == "intentions", result
+    runtime = meshgen.RuntimeAPI(sidecar.out / "admin.sock")
+    loaded = sidecar.out.resolve() / meshgen.running_bundle(runtime, sidecar.out)   # HAProxy's name for it
+    shown = runtime(f"show map {loaded / 'intentions.map'}")
+    assert len(shown.splitlines()) == 5002          # every caller, the newcomer and "*"
+    assert talk(sidecar.port, revoked) is None
+    assert talk(sidecar.port, allowed) == b"ping\n"
