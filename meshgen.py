@@ -340,34 +340,70 @@ def fetch_registration(client: ConsulClient, proxy_id: str) -> dict:
 class AgentData:
     """What the agent said. The roots, leaf and intentions are still raw (the model step checks
     them); each upstream's discovery chain is checked already, since it names the targets whose
-    instances were fetched next. Each Reply keeps the index Consul gave it, for --wait."""
+    instances were fetched next. Each Reply keeps the index Consul gave it, for --wait. A chain
+    or an answer the agent could not give is the MeshgenError saying why: it costs its own
+    upstream or target only (the model step decides how)."""
     roots: Reply
     leaf: Reply
     intentions: Reply | AgentUnavailable   # of this service, highest precedence first; or why not
-    chains: dict      # UpstreamKey -> Chain, for upstreams that follow one
-    answers: dict     # Query -> Reply: each chain's, each target's instances, each prepared query's
+    chains: dict      # UpstreamKey -> ChainOutcome, for upstreams that follow one
+    answers: dict     # Query -> Reply or MeshgenError: each chain's, target's and prepared query's
+
+
+@dataclass(frozen=True)
+class ChainOutcome:
+    """The chain an upstream follows this run: the agent's answer now, or, when that is bad, the
+    one the last run followed (`problem` says why); None when there is neither, and then the
+    upstream's listener refuses connections rather than route where Consul did not say."""
+    chain: Chain | None
+    raw: dict | None          # the answer it was parsed from, kept for the next run
+    problem: str = ""
 
 
 def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstream, ...],
-                     workers: int = 8) -> AgentData:
+                     kept_chains: dict, workers: int = 8) -> AgentData:
     """The requests of one run, in parallel, in two rounds: the chains name the targets whose
     instances the second round fetches. Eight workers: with more, Python's threads spend the
     time handing the interpreter lock around (1000 upstreams: 2.3 s with 8, 2.6 s with 16,
-    2.5 s with 4 on this 2-core machine)."""
+    2.5 s with 4 on this 2-core machine). `kept_chains`: the chains the last run followed, by
+    str(Query), for an upstream whose chain is bad now."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         roots = pool.submit(client.get, "/v1/agent/connect/ca/roots")
         leaf = pool.submit(client.get, f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}")
         intentions = pool.submit(fetch_intentions, client, service)
         chained = {u: chain_query(u) for u in upstreams if u.follows_chain}
-        firsts = {q: pool.submit(fetch_chain, client, q) for q in chained.values()}
-        firsts |= {q: pool.submit(fetch_instances, client, q)
+        firsts = {q: pool.submit(_attempt, fetch_chain, client, q) for q in chained.values()}
+        firsts |= {q: pool.submit(_attempt, fetch_instances, client, q)
                    for q in [direct_query(u) for u in upstreams if not u.follows_chain]}
         answers = {q: future.result() for q, future in firsts.items()}
-        chains = {u.key: parse_chain(answers[q].data, u) for u, q in chained.items()}
-        targets = sorted({t.query for chain in chains.values() for t in chain.targets})
-        seconds = {q: pool.submit(fetch_instances, client, q) for q in targets}
+        chains = {u.key: choose_chain(u, answers[q], kept_chains.get(str(q))) for u, q in chained.items()}
+        targets = sorted({t.query for outcome in chains.values() if outcome.chain for t in outcome.chain.targets})
+        seconds = {q: pool.submit(_attempt, fetch_instances, client, q) for q in targets}
         answers.update((q, future.result()) for q, future in seconds.items())
         return AgentData(roots.result(), leaf.result(), intentions.result(), chains, answers)
+
+
+def _attempt(fetch, *args):
+    """The answer, or the MeshgenError that says why there is none."""
+    try:
+        return fetch(*args)
+    except MeshgenError as err:
+        return err
+
+
+def choose_chain(upstream: Upstream, answer: Reply | MeshgenError, kept: dict | None) -> ChainOutcome:
+    try:
+        if isinstance(answer, MeshgenError):
+            raise answer
+        return ChainOutcome(check_chain(upstream, parse_chain(answer.data, upstream)), answer.data)
+    except MeshgenError as err:
+        problem = _one_line(str(err))
+    if kept is not None:
+        try:
+            return ChainOutcome(check_chain(upstream, parse_chain(kept, upstream)), kept, problem)
+        except MeshgenError:
+            pass      # the registration changed since, and the old chain no longer fits it
+    return ChainOutcome(None, None, problem)
 
 
 INTENTIONS_PATH = "/v1/connect/intentions"
@@ -484,18 +520,27 @@ class WatchState:
     unnamed_caller: list       # kept in force while the agent cannot read them
     connection_lifetime_ms: int    # Config max_connection_lifetime_ms: swept while waiting
     loaded_bundle: str         # the bundle HAProxy was last told to load: its runtime names
+    kept_chains: dict          # str(Query) -> the chain answer each upstream followed
+    kept_instances: dict       # str(Query) -> [[address, weight, service], ...] each target had
+    skipped: list              # what this run left out, one line each (for `status`)
 
     @classmethod
     def of_run(cls, proxy_id: str, registration: dict, sidecar: Sidecar, data: AgentData,
-               intentions: tuple[int, list, list], loaded_bundle: str) -> "WatchState":
+               intentions: tuple[int, list, list], upstreams: "ModelledUpstreams",
+               loaded_bundle: str) -> "WatchState":
         return cls(proxy_id, sidecar.service, str(registration.get("ContentHash", "")),
                    data.roots.index or 0, str(data.roots.data.get("ActiveRootID", "")), data.leaf.index or 0,
                    {str(query): _marker(query, reply) for query, reply in sorted(data.answers.items())},
-                   *intentions, sidecar.max_connection_lifetime_ms, loaded_bundle)
+                   *intentions, sidecar.max_connection_lifetime_ms, loaded_bundle,
+                   upstreams.kept_chains, upstreams.kept_instances, list(upstreams.skipped))
 
 
-def _marker(query: Query, reply: Reply):
-    """What tells a change: the index, or for a prepared query (no index) a digest of the answer."""
+def _marker(query: Query, reply: Reply | MeshgenError):
+    """What tells a change: the index, or for a prepared query (no index) a digest of the answer;
+    for a query the agent did not answer, a digest of why, so that the same refusal again is no
+    change (the query is then polled, as it has no index to block on)."""
+    if isinstance(reply, MeshgenError):
+        return "error:" + hashlib.sha256(str(reply).encode()).hexdigest()[:16]
     if not query.blocks:
         return hashlib.sha256(json.dumps(reply.data, sort_keys=True).encode()).hexdigest()
     return reply.index or 0
@@ -578,11 +623,11 @@ def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, pol
     polled = []
     for text, marker in sorted(state.queries.items()):
         query = Query.parse(text)
-        fetch = fetch_chain if query.path.startswith(CHAIN_PATH) else fetch_instances
-        if not query.blocks or len(watches) >= max_blocking:
+        fetch = functools.partial(_attempt, fetch_chain if query.path.startswith(CHAIN_PATH) else fetch_instances)
+        if not query.blocks or len(watches) >= max_blocking or str(marker).startswith("error:"):
             polled.append((query, fetch, marker))
         else:
-            watches.append((lambda index, wait, query=query, fetch=fetch: fetch(client, query, dict(wait, index=index)).index,
+            watches.append((lambda index, wait, query=query, fetch=fetch: _marker(query, fetch(client, query, dict(wait, index=index))),
                             marker))
     for ask, marker in watches:
         threading.Thread(target=block, args=(ask, marker), daemon=True).start()
@@ -597,10 +642,7 @@ def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, pol
             sweep()
         if time.monotonic() >= next_poll:
             next_poll = time.monotonic() + poll_interval
-            try:
-                if any(_marker(query, fetch(client, query)) != marker for query, fetch, marker in polled):
-                    return True
-            except MeshgenError:
+            if any(_marker(query, fetch(client, query)) != marker for query, fetch, marker in polled):
                 return True
 
 
@@ -1052,37 +1094,61 @@ def _expose_paths(proxy: dict, bind_host: str) -> list[ExposePath]:
     return paths
 
 
-def parse_instances(entries: list, field: str) -> tuple[Instance, ...]:
-    """Health entries to dialable instances: Service.Address, else Node.Address (BestAddress).
-    An entry with a critical check is left out; one with a warning counts at its Warning weight
-    (the agent leaves warnings out already where the target asks for passing only)."""
-    instances = {}
+def parse_instances(entries: list, field: str, local_dc: str) -> tuple[tuple[Instance, ...], tuple[str, ...]]:
+    """Health entries to dialable instances, and a line for each entry left out because a value
+    in it is bad: a bad instance costs itself, never the rest. An entry with a critical check is
+    left out; one with a warning counts at its Warning weight (the agent leaves warnings out
+    already where the target asks for passing only)."""
+    instances, skipped = {}, []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("Service"), dict):
-            raise MeshgenError(f"{field}[{i}]: expected an object with a Service")
-        svc, node = entry["Service"], entry.get("Node") if isinstance(entry.get("Node"), dict) else {}
-        statuses = {c.get("Status") for c in _list(entry.get("Checks"), f"{field}[{i}].Checks") if isinstance(c, dict)}
-        if statuses - {"passing", "warning"}:
+        try:
+            instance = _instance(entry, f"{field}[{i}]", local_dc)
+        except MeshgenError as err:
+            skipped.append(f"left out {err}")
             continue
-        if svc.get("SocketPath"):
-            address = "unix@" + check_path(svc["SocketPath"], f"{field}[{i}].Service.SocketPath")
-        else:
-            host = svc.get("Address") or node.get("Address")
-            address = join_host_port(check_host(host, f"{field}[{i}].Service.Address"),
-                                     check_port(svc.get("Port"), f"{field}[{i}].Service.Port"))
-        weights = svc.get("Weights") if isinstance(svc.get("Weights"), dict) else {}
-        which = "Warning" if "warning" in statuses else "Passing"
-        weight = check_int(weights.get(which, 1), f"{field}[{i}].Service.Weights.{which}")
-        # A sidecar answers for its destination; a connect-native instance for itself.
-        if svc.get("Kind") == "connect-proxy":
-            proxy = svc.get("Proxy") if isinstance(svc.get("Proxy"), dict) else {}
-            service = check_name(proxy.get("DestinationServiceName"),
-                                 f"{field}[{i}].Service.Proxy.DestinationServiceName")
-        else:
-            service = check_name(svc.get("Service"), f"{field}[{i}].Service.Service")
-        # HAProxy weights stop at 256; Consul's do not. A Warning weight of 0 sends nothing.
-        instances[address] = Instance(address, min(max(weight, 1 if which == "Passing" else 0), 256), service)
-    return tuple(instances[a] for a in sorted(instances))
+        if instance is not None:
+            instances[instance.address] = instance
+    return tuple(instances[a] for a in sorted(instances)), tuple(skipped)
+
+
+def _instance(entry, field: str, local_dc: str) -> Instance | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("Service"), dict):
+        raise MeshgenError(f"{field}: expected an object with a Service")
+    svc, node = entry["Service"], entry.get("Node") if isinstance(entry.get("Node"), dict) else {}
+    statuses = {c.get("Status") for c in _list(entry.get("Checks"), f"{field}.Checks") if isinstance(c, dict)}
+    if statuses - {"passing", "warning"}:
+        return None
+    if svc.get("SocketPath"):
+        address = "unix@" + check_path(svc["SocketPath"], f"{field}.Service.SocketPath")
+    else:
+        where, host, port = _best_address(svc, node, wan=node.get("Datacenter", local_dc) != local_dc)
+        address = join_host_port(check_host(host, f"{field}.{where}"), check_port(port, f"{field}.Service.Port"))
+    weights = svc.get("Weights") if isinstance(svc.get("Weights"), dict) else {}
+    which = "Warning" if "warning" in statuses else "Passing"
+    weight = check_int(weights.get(which, 1), f"{field}.Service.Weights.{which}")
+    # A sidecar answers for its destination; a connect-native instance for itself.
+    if svc.get("Kind") == "connect-proxy":
+        proxy = svc.get("Proxy") if isinstance(svc.get("Proxy"), dict) else {}
+        service = check_name(proxy.get("DestinationServiceName"), f"{field}.Service.Proxy.DestinationServiceName")
+    else:
+        service = check_name(svc.get("Service"), f"{field}.Service.Service")
+    # HAProxy weights stop at 256; Consul's do not. A Warning weight of 0 sends nothing.
+    return Instance(address, min(max(weight, 1 if which == "Passing" else 0), 256), service)
+
+
+def _best_address(svc: dict, node: dict, wan: bool) -> tuple[str, object, object]:
+    """Where to dial an instance, as Consul's BestAddress tells Envoy: the service's address,
+    else its node's; for an instance in another datacenter, the WAN tagged address of each
+    first. Returns the field it came from, the host and the port."""
+    service_wan = (svc.get("TaggedAddresses") or {}).get("wan") if isinstance(svc.get("TaggedAddresses"), dict) else None
+    if wan and isinstance(service_wan, dict) and service_wan.get("Address"):
+        return "Service.TaggedAddresses.wan.Address", service_wan["Address"], service_wan.get("Port") or svc.get("Port")
+    if svc.get("Address"):
+        return "Service.Address", svc["Address"], svc.get("Port")
+    node_wan = (node.get("TaggedAddresses") or {}).get("wan") if isinstance(node.get("TaggedAddresses"), dict) else None
+    if wan and node_wan:
+        return "Node.TaggedAddresses.wan", node_wan, svc.get("Port")
+    return "Node.Address", node.get("Address"), svc.get("Port")
 
 
 # =========================================================================== discovery chain
@@ -1301,27 +1367,36 @@ def parse_retries(destination: dict, field: str) -> Retries | None:
     return Retries(count or 1, on or ("none",))
 
 
-def resolve_upstream(upstream: Upstream, chain: Chain | None, answers: dict) -> Upstream:
-    """The upstream with its protocol, backends and routes: from its chain, or for a prepared
-    query or a peer, from the instances its query gave."""
-    if chain is None:
-        instances = parse_instances(answers[direct_query(upstream)].data, f"instances of {upstream.proxy_name}")
-        identities = (upstream.name,) if upstream.kind == "service" or not instances \
-            else tuple(sorted({i.service for i in instances}))
-        resolved = dataclasses.replace(upstream, protocol=upstream.protocol or "tcp", backends=(Backend(
-            upstream.proxy_name, upstream.connect_timeout_ms or 5000, identities, instances=instances),))
-    else:
-        resolved = _chain_backends(dataclasses.replace(upstream, protocol=upstream.protocol or chain.protocol),
-                                   chain, answers)
-    if resolved.routes and not resolved.http:
-        raise MeshgenError(f"discovery chain of {upstream.name}: routes and splits need an HTTP protocol, "
-                           f"not {resolved.protocol}")
+def check_chain(upstream: Upstream, chain: Chain) -> Chain:
+    """What the chain asks must fit the upstream: routes and splits need HTTP, the redis check tcp."""
+    protocol = upstream.protocol or chain.protocol
+    routed = len(chain.routes) > 1 or len(chain.routes[0].splits) > 1
+    if routed and protocol == "tcp":
+        raise MeshgenError(f"discovery chain of {upstream.name}: routes and splits need an HTTP protocol, not tcp")
+    if upstream.advanced_check == "redis" and protocol != "tcp":
+        raise MeshgenError(f"upstream {upstream.name}: the redis check needs protocol tcp, not {protocol}")
+    return chain
+
+
+def resolve_upstream(upstream: Upstream, chain: Chain | None, instances: dict) -> Upstream:
+    """The upstream with its protocol, backends and routes: from its chain (checked by
+    check_chain), or for a prepared query or a peer, from the instances its query gave.
+    `instances`: Query -> its instances. An upstream that follows a chain but has none usable
+    gets one backend without servers: its listener refuses connections."""
+    if upstream.follows_chain and chain is not None:
+        return _chain_backends(dataclasses.replace(upstream, protocol=upstream.protocol or chain.protocol),
+                               chain, instances)
+    found = instances.get(direct_query(upstream), ()) if not upstream.follows_chain else ()
+    identities = (upstream.name,) if upstream.kind == "service" or not found \
+        else tuple(sorted({i.service for i in found}))
+    resolved = dataclasses.replace(upstream, protocol=upstream.protocol or "tcp", backends=(Backend(
+        upstream.proxy_name, upstream.connect_timeout_ms or 5000, identities, instances=found),))
     if resolved.advanced_check == "redis" and resolved.http:
         raise MeshgenError(f"upstream {upstream.name}: the redis check needs protocol tcp, not {resolved.protocol}")
     return resolved
 
 
-def _chain_backends(upstream: Upstream, chain: Chain, answers: dict) -> Upstream:
+def _chain_backends(upstream: Upstream, chain: Chain, instances: dict) -> Upstream:
     resolvers = {r.node: r for r in chain.resolvers}
     single = len(chain.routes) == 1 and len(chain.routes[0].splits) == 1
     backends: dict[tuple, Backend] = {}
@@ -1336,12 +1411,10 @@ def _chain_backends(upstream: Upstream, chain: Chain, answers: dict) -> Upstream
                 name += f":retry-{route.retries.count}-{'-'.join(route.retries.on)}"
             if request_timeout != resolver.request_timeout_ms:
                 name += f":timeout-{request_timeout}ms"
-            serving, instances = "", ()
-            for target in resolver.targets:
-                instances = parse_instances(answers[target.query].data, f"instances of target {target.id}")
-                if instances:
-                    serving = target.id
-                    break
+            # The first target with an instance that takes traffic serves: instances that all
+            # weigh 0 (warnings at Weights.Warning 0) take none, so failover goes on past them.
+            serving, servers = next(((t.id, instances[t.query]) for t in resolver.targets
+                                     if any(i.weight for i in instances[t.query])), ("", ()))
             ids = tuple(t.id for t in resolver.targets)
             about = () if ids == (f"{upstream.name}.default.{resolver.targets[0].datacenter}",) else (
                 f"Target {ids[0]}.",) if len(ids) == 1 else (
@@ -1349,7 +1422,7 @@ def _chain_backends(upstream: Upstream, chain: Chain, answers: dict) -> Upstream
                 f"{', '.join(ids[1:])} that has one: its instances are the servers.")
             backends[key] = Backend(
                 name, resolver.connect_timeout_ms, tuple(sorted({t.service for t in resolver.targets})),
-                ids, serving, route.retries, request_timeout, instances, about)
+                ids, serving, route.retries, request_timeout, servers, about)
         return backends[key].name
 
     routes = []
@@ -1375,9 +1448,70 @@ def default_chain(upstream: Upstream, datacenter: str) -> Chain:
                  (ChainResolver(node, (target,), upstream.connect_timeout_ms or 5000),))
 
 
-def with_chains(sidecar: Sidecar, chains: dict, answers: dict) -> Sidecar:
+def with_chains(sidecar: Sidecar, chains: dict, instances: dict) -> Sidecar:
+    """`chains`: UpstreamKey -> Chain; `instances`: Query -> its instances."""
     return dataclasses.replace(sidecar, upstreams=tuple(
-        resolve_upstream(u, chains.get(u.key), answers) for u in sidecar.upstreams))
+        resolve_upstream(u, chains.get(u.key), instances) for u in sidecar.upstreams))
+
+
+@dataclass(frozen=True)
+class ModelledUpstreams:
+    """The sidecar's upstreams resolved, what was left out on the way, and what the next run
+    keeps for an item that goes bad: each chain followed, each target's instances."""
+    sidecar: Sidecar
+    skipped: tuple[str, ...]
+    kept_chains: dict          # str(Query) -> the chain answer
+    kept_instances: dict       # str(Query) -> [[address, weight, service], ...]
+
+
+def model_upstreams(sidecar: Sidecar, data: AgentData, previous: WatchState | None, local_dc: str) -> ModelledUpstreams:
+    """Each upstream from its chain and each target from its instances, every item on its own:
+    a bad instance is left out; a target the agent did not answer, or answered malformed, keeps
+    the instances the last run had (none if it had none); a bad chain keeps the chain the last
+    run followed, else its listener refuses connections. Each costs one line in `skipped`."""
+    kept_before = previous.kept_instances if previous else {}
+    labels = {direct_query(u): u.proxy_name for u in sidecar.upstreams if not u.follows_chain}
+    labels |= {t.query: f"target {t.id}" for o in data.chains.values() if o.chain for t in o.chain.targets}
+    instances, skipped, kept_instances = {}, [], {}
+    for query, label in sorted(labels.items()):
+        try:
+            answer = data.answers[query]
+            if isinstance(answer, MeshgenError):
+                raise answer
+            instances[query], left_out = parse_instances(answer.data, f"instances of {label}", local_dc)
+            skipped += left_out
+        except MeshgenError as err:
+            instances[query] = _kept_instances(kept_before.get(str(query)))
+            skipped.append(f"instances of {label}: {_one_line(str(err))}: " + (
+                "the instances the last run had are kept" if instances[query] else "no instances until it is fixed"))
+        kept_instances[str(query)] = [[i.address, i.weight, i.service] for i in instances[query]]
+    chains, kept_chains = {}, {}
+    for upstream in sidecar.upstreams:
+        outcome = data.chains.get(upstream.key)
+        if outcome is None:
+            continue
+        chains[upstream.key] = outcome.chain
+        if outcome.raw is not None:
+            kept_chains[str(chain_query(upstream))] = outcome.raw
+        if outcome.problem:
+            skipped.append(f"upstream {upstream.name}: {outcome.problem}: " + (
+                "it keeps the chain the last run followed" if outcome.chain
+                else "its listener refuses connections until it is fixed"))
+    return ModelledUpstreams(with_chains(sidecar, chains, instances), tuple(skipped), kept_chains, kept_instances)
+
+
+def _kept_instances(kept) -> tuple[Instance, ...]:
+    """Instances a state file kept, checked again as any value read back is."""
+    found = []
+    for address, weight, service in kept or ():
+        host_port = address if not address.startswith("unix@") else None
+        if host_port is None:
+            check_path(address[len("unix@"):], "state file: instance")
+        else:
+            check_host_port(host_port, "state file: instance")
+        found.append(Instance(address, min(max(check_int(weight, "state file: weight"), 0), 256),
+                              check_name(service, "state file: service")))
+    return tuple(found)
 
 
 # =========================================================================== certificate checks
@@ -1396,6 +1530,11 @@ class Certificates:
     @property
     def serial_number(self) -> int:
         return int(self.serial.replace(":", ""), 16)
+
+    @property
+    def datacenter(self) -> str:
+        """This sidecar's datacenter, as its SPIFFE ID names it (checked to have one)."""
+        return re.search(r"/dc/([^/]+)/svc/", self.spiffe_id)[1]
 
 
 def check_certificates(roots: dict, leaf: dict, service: str, now: dt.datetime) -> Certificates:
@@ -1478,7 +1617,7 @@ def _issued_by(cert, issuer) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
         return True
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm, x509.DuplicateExtension):
         return False
 
 
@@ -1487,7 +1626,7 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise MeshgenError("leaf certificate: has no subject alternative name") from None
-    except ValueError as err:
+    except (ValueError, x509.DuplicateExtension) as err:
         raise MeshgenError(f"leaf certificate: malformed extensions ({_one_line(str(err))})") from None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
@@ -1572,6 +1711,7 @@ class Intention:
     action: str | None                   # allow or deny; None for an L7 intention
     permissions: tuple[tuple[str, tuple[Match, ...]], ...]   # (allow|deny, matches)
     text: str                            # source => destination (precedence N)
+    invalid: bool = False                # a value in it was bad: it denies its callers
 
 
 def _safe_reason(text: str) -> str:
@@ -1672,6 +1812,37 @@ def parse_intention(entry, field: str) -> Intention:
     return Intention(UNNAMED_CALLER if source == "*" else f"{namespace}/{source}", action, permissions, text)
 
 
+def parse_intentions(entries: list, field: str) -> tuple[list[Intention], tuple[str, ...]]:
+    """The match list, each intention on its own: a bad one denies the callers it names, and only
+    them, in its place in Consul's order (so it still outranks what it outranked); one that names
+    no caller meshgen could ever match is left out. Each costs one line."""
+    listed, skipped = [], []
+    for i, entry in enumerate(entries):
+        try:
+            listed.append(parse_intention(entry, f"{field}[{i}]"))
+        except MeshgenError as err:
+            caller = _named_caller(entry)
+            if caller is None:
+                skipped.append(f"{_one_line(str(err))}: it names no caller meshgen can match, so it is left out")
+            else:
+                listed.append(Intention(caller, "deny", (), f"{caller} => this service, entry {i} of the match list",
+                                        invalid=True))
+                skipped.append(f"{_one_line(str(err))}: its callers ({caller}) are denied")
+    return listed, tuple(skipped)
+
+
+def _named_caller(entry) -> str | None:
+    """The caller a malformed intention names, if that much of it is sound."""
+    try:
+        source = _intention_name(entry, "Source", "")
+        namespace = entry.get("SourceNS") or "default"
+        if source == "*":
+            return UNNAMED_CALLER
+        return f"{check_name(namespace, '')}/{source}"
+    except (MeshgenError, AttributeError):
+        return None
+
+
 def deciding_intentions(intentions: list[Intention]) -> tuple[dict, Intention | None]:
     """From Consul's order (highest precedence first), the intention that decides each named
     caller: the first whose source is the caller or "*". A caller that a "*" intention reaches
@@ -1703,6 +1874,8 @@ def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_re
     rules: dict[Intention, L7Rules] = {}
 
     def decision(caller: str, intention: Intention) -> Decision:
+        if intention.invalid:
+            return Decision(caller, "deny", _safe_reason(f"intention invalid, so deny: {intention.text}"))
         if intention.action is not None:
             return Decision(caller, intention.action, _safe_reason(f"intention: {intention.text}: {intention.action}"))
         if not http:
@@ -1712,7 +1885,9 @@ def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_re
             for i, (action, matches) in enumerate(intention.permissions, 1))))
         return Decision(caller, found.tag, _safe_reason(f"L7 intention: {intention.text}"))
     decisions = [decision(caller, named[caller]) for caller in sorted(named)]
-    if wildcard is not None and wildcard.action is None:
+    # The agent's answer for an unnamed caller already weighs a sound "*" intention; it does not
+    # know that meshgen refused a malformed one, which denies.
+    if wildcard is not None and (wildcard.action is None or wildcard.invalid):
         decisions.append(decision(UNNAMED_CALLER, wildcard))
     else:
         decisions.append(Decision(UNNAMED_CALLER, agent_verdict, _safe_reason(
@@ -2572,33 +2747,42 @@ class Model:
     intentions: Intentions
     seen: WatchState
     notes: tuple[str, ...] = ()     # what the user should know, though nothing failed
+    skipped: tuple[str, ...] = ()   # bad items left out or denied: each cost itself only
 
 
 def _fetch_model(client: ConsulClient, proxy_id: str, previous: WatchState | None) -> Model:
     """Fetch and model: the registration first, since it names what else to fetch; the agent's
-    decision for unnamed callers last, since it must name a caller no intention names. With the
-    agent's servers out of reach, the intentions `previous` saw stay in force (fail static)."""
+    decision for unnamed callers last, since it must name a caller no intention names. The
+    registration, the roots and the leaf are whole: a bad one is the run's error. Anything else
+    bad costs only itself (`skipped`). With the agent's servers out of reach, the intentions
+    `previous` saw stay in force (fail static)."""
     registration = fetch_registration(client, proxy_id)
     sidecar = parse_registration(registration, proxy_id)
-    data = fetch_agent_data(client, sidecar.service, sidecar.upstreams)
+    previous = previous if previous is not None and previous.service == sidecar.service else None
+    data = fetch_agent_data(client, sidecar.service, sidecar.upstreams, previous.kept_chains if previous else {})
     certs = check_certificates(data.roots.data, data.leaf.data, sidecar.service, dt.datetime.now(dt.timezone.utc))
-    sidecar = with_chains(sidecar, data.chains, data.answers)
-    notes = tuple(f"upstream {key.name}: {text}" for key, chain in sorted(data.chains.items()) for text in chain.unapplied)
+    upstreams = model_upstreams(sidecar, data, previous, certs.datacenter)
+    sidecar = upstreams.sidecar
+    notes = tuple(f"upstream {key.name}: {text}" for key, outcome in sorted(data.chains.items()) if outcome.chain
+                  for text in outcome.chain.unapplied)
+    field = f"intentions of {sidecar.service}"
     try:
         if isinstance(data.intentions, AgentUnavailable):
             raise data.intentions
         entries = data.intentions.data
-        listed = [parse_intention(entry, f"intentions of {sidecar.service}[{i}]") for i, entry in enumerate(entries)]
+        listed, bad_intentions = parse_intentions(entries, field)
         unnamed = list(fetch_default_decision(client, sidecar.service, unnamed_caller_uri(certs.spiffe_id, listed)))
         index = data.intentions.index or 0
     except AgentUnavailable as err:
-        if previous is None or previous.service != sidecar.service:
+        if previous is None:
             raise MeshgenError(f"{err}; no earlier run saw the intentions of {sidecar.service!r}") from None
         entries, unnamed, index = previous.intentions_seen, previous.unnamed_caller, previous.intentions_index
-        listed = [parse_intention(entry, f"intentions of {sidecar.service}[{i}]") for i, entry in enumerate(entries)]
+        listed, bad_intentions = parse_intentions(entries, field)
         notes += (f"intentions: {_one_line(str(err))}: the last ones seen stay in force",)
-    seen = WatchState.of_run(proxy_id, registration, sidecar, data, (index, entries, unnamed), loaded_bundle="")
-    return Model(sidecar, certs, decide(listed, sidecar.http, *unnamed), seen, notes)
+    seen = WatchState.of_run(proxy_id, registration, sidecar, data, (index, entries, unnamed), upstreams,
+                             loaded_bundle="")
+    return Model(sidecar, certs, decide(listed, sidecar.http, *unnamed), seen, notes,
+                 upstreams.skipped + bad_intentions)
 
 
 class MeshgenGroup(click.Group):
@@ -2641,6 +2825,7 @@ class RenderRequest:
     poll_seconds: float = 30.0
     max_blocking: int = 256
     runtime_socket: Path | None = None
+    strict: bool = False                # a bad item fails the run instead of costing itself
 
 
 @dataclass(frozen=True)
@@ -2662,6 +2847,7 @@ class RenderResult:
     diff: str = ""
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()  # bad items this run left out or denied, each at its own cost
     interrupted: bool = False     # a run died changing HAProxy live: it holds what no bundle says
 
     @property
@@ -2715,6 +2901,9 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
     # 5. Fetch and model: every value checked, certificates verified.
     model = _fetch_model(client, proxy_id, previous)
     sidecar, certs, intentions, seen = model.sidecar, model.certs, model.intentions, model.seen
+    if request.strict and model.skipped:
+        raise MeshgenError(f"--strict: {len(model.skipped)} bad item(s), nothing written; the first: "
+                           f"{model.skipped[0]}")
     # 6. Render in memory, and compare with the live bundle before writing anything.
     bundle = render(sidecar, certs, intentions, out_dir, request.admin_socket)
     live, live_files = live_bundle(out_dir)
@@ -2731,8 +2920,7 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
                 twin = render(sidecar, certs, intentions, Path(scratch), request.admin_socket)
                 warnings = validate(write_files(twin, Path(scratch)), request.haproxy)
         return RenderResult(proxy_id, changed=changed, diff="".join(bundle_diff(live_files, bundle.files)),
-                            notes=model.notes,
-                            warnings=tuple(warnings))
+                            notes=model.notes, skipped=model.skipped, warnings=tuple(warnings))
     # 8. Write and check the new bundle (stage_bundle's own steps), not yet live.
     loaded = (previous.loaded_bundle if previous else "") or live or bundle.name
     warnings = stage_bundle(out_dir, bundle, request.haproxy) if changed else []
@@ -2784,8 +2972,8 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
     if request.runtime_socket is not None and sidecar.max_connection_lifetime_ms:
         end_old_connections(RuntimeAPI(request.runtime_socket), sidecar.max_connection_lifetime_ms)
     return RenderResult(proxy_id, changed=changed, written=changed, applied_live=applied, notes=notes,
-                        live_change=plan.describe() if plan else "", not_live_because=why_not or "",
-                        warnings=tuple(warnings), interrupted=interrupted)
+                        skipped=model.skipped, live_change=plan.describe() if plan else "",
+                        not_live_because=why_not or "", warnings=tuple(warnings), interrupted=interrupted)
 
 
 @cli.command("render", epilog=EXIT_CODES_HELP)
@@ -2807,10 +2995,13 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
 @click.option("--runtime-socket", type=click.Path(path_type=Path), default=None,
               help="HAProxy's admin socket: apply a change of CA roots, leaf or upstream instances "
                    "live, check that it took effect, and exit 0; else exit 3.")
+@click.option("--strict", is_flag=True,
+              help="A bad instance, intention or chain fails the run (exit 1, nothing written) "
+                   "instead of costing only itself; for CI.")
 @click.pass_context
 def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run: bool,
                    admin_socket: Path | None, wait_for: str | None, poll_interval: str,
-                   max_blocking: int, runtime_socket: Path | None, **consul):
+                   max_blocking: int, runtime_socket: Path | None, strict: bool, **consul):
     """Fetch the sidecar from the local agent, render, validate and swap in its bundle."""
     _check_usage(consul)
     request = RenderRequest(
@@ -2821,7 +3012,8 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
         wait_seconds=duration(wait_for, "--wait"),
         poll_seconds=duration(poll_interval, "--poll-interval"),
         max_blocking=max_blocking,
-        runtime_socket=runtime_socket)
+        runtime_socket=runtime_socket,
+        strict=strict)
     check_path(str(out_dir.resolve()), "--out")
     settings, client, proxy_id = _connect(consul)
 
@@ -2833,6 +3025,8 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
         say(f"haproxy -c warns: {warning}")
     for note in result.notes:
         say(note)
+    for item in result.skipped:
+        say(f"skipped: {item}")
     if result.waited_out:
         say(f"unchanged after waiting {wait_for}")
     elif dry_run:
@@ -2878,6 +3072,7 @@ def show(as_json: bool, **consul):
         "roots": [{"id": r, "active": r == certs.active_root_id} for r in certs.root_ids],
         "intentions": [{"caller": d.caller, "decision": d.verdict, "reason": d.reason}
                        for d in intentions.decisions],
+        "skipped": list(model.skipped),
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -2902,6 +3097,8 @@ def show(as_json: bool, **consul):
                 click.echo(f"    instance  {i.address}  weight {i.weight}")
     for d in intentions.decisions:
         click.echo(f"intention   {d.caller}  {d.verdict}  {d.reason}")
+    for item in model.skipped:
+        click.echo(f"skipped     {item}")
 
 
 def _describe(match: Match) -> str:
@@ -2923,6 +3120,9 @@ def status(ctx, out_dir: Path, runtime_socket: Path | None, as_json: bool):
     """Whether the running HAProxy runs the live bundle: the leaf it serves, client verification,
     the CA roots it holds, each upstream's servers. Exit 0 if all match, 3 if not (reload)."""
     rows = compare_running(out_dir, RuntimeAPI(runtime_socket or out_dir / "admin.sock"))
+    state = read_state(out_dir)
+    for item in state.skipped if state else ():
+        click.echo(f"meshgen: the last render skipped: {item}", err=True)
     if as_json:
         click.echo(json.dumps([dict(dataclasses.asdict(row), same=row.same) for row in rows], indent=2))
     else:
@@ -2949,9 +3149,10 @@ def check(ctx, definition: Path, haproxy: str):
     sidecar = parse_registration(registration, proxy_id)
     # Config entries and instances are Consul's: checked as an upstream with neither renders.
     chains = {u.key: default_chain(u, u.datacenter or "dc1") for u in sidecar.upstreams if u.follows_chain}
-    answers = {q: Reply([], None) for q in [t.query for c in chains.values() for t in c.targets] +
-               [direct_query(u) for u in sidecar.upstreams if not u.follows_chain]}
-    sidecar = with_chains(sidecar, chains, answers)
+    instances = {q: () for q in [t.query for c in chains.values() for t in c.targets] +
+                 [direct_query(u) for u in sidecar.upstreams if not u.follows_chain]}
+    sidecar = with_chains(sidecar, {key: check_chain(u, chains[key]) for u in sidecar.upstreams
+                                    if (key := u.key) in chains}, instances)
     certs = throwaway_certificates(sidecar.service)
     with tempfile.TemporaryDirectory(prefix="meshgen-check-") as scratch:
         # Intentions come from Consul at render time; any decision checks the same config.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import socket
 
 import pytest
@@ -66,7 +67,6 @@ def set_upstream(**values):
 FAULTS = {
     "agent unreachable": (lambda d: {"CONSUL_HTTP_ADDR": closed_port()}, "cannot reach the Consul agent at http://127.0.0.1:"),
     "agent too slow": (lambda d: d.inject("/v1/agent/connect/ca/roots", delay=3), "did not answer within 1s"),
-    "connection dropped": (lambda d: d.inject("/v1/health/connect/redis", drop=True), "GET /v1/health/connect/redis: cannot reach"),
     "403 names the permission": (lambda d: (d.enable_acls("deny"), d.add_token({"service_prefix:": "read"}, "reader"),
                                             {"CONSUL_HTTP_TOKEN": "reader"})[-1],
                                  "GET /v1/agent/connect/ca/leaf/www: 403 Permission denied: token with AccessorID"),
@@ -75,17 +75,14 @@ FAULTS = {
     "429": (lambda d: d.inject(LEAF, status=429, body="Rate limit reached, try again later"), "429 rate limited by Consul"),
     "500": (lambda d: d.inject("/v1/agent/connect/ca/roots", status=500, body="cluster has no CA bootstrapped yet"),
             "GET /v1/agent/connect/ca/roots: 500 cluster has no CA bootstrapped yet"),
-    "503 empty": (lambda d: d.inject("/v1/health/connect/redis", status=503, body=""), "503 (empty body)"),
     "malformed JSON": (lambda d: d.inject("/v1/agent/service/www-sidecar-proxy", body="{not json"), "malformed JSON from the Consul agent"),
     "truncated JSON": (lambda d: d.inject("/v1/agent/connect/ca/roots", body='{"ActiveRootID":"ab","Roots":[{"ID'), "malformed JSON"),
     "roots not an object": (lambda d: d.inject("/v1/agent/connect/ca/roots", body="[]"), "CA roots: the agent listed no roots"),
-    "health not a list": (lambda d: d.inject("/v1/health/connect/redis", body='{"a":1}'), "expected a JSON list of health entries"),
     "Proxy missing": (lambda d: d.inject("/v1/agent/service/www-sidecar-proxy", body=json.dumps(
         {k: v for k, v in d.services["www-sidecar-proxy"].items() if k != "Proxy"})), "Proxy is missing or not an object"),
     "port mistyped": (lambda d: d.update_service("www-sidecar-proxy", set_upstream(LocalBindPort="sixty")), "Proxy.Upstreams[0].LocalBindPort: 'sixty' is not a whole number"),
     "port out of range": (lambda d: d.update_service("www-sidecar-proxy", set_upstream(LocalBindPort=70000)), "Proxy.Upstreams[0].LocalBindPort: 70000 is not a port number"),
     "protocol unknown": (lambda d: d.update_service("www-sidecar-proxy", set_config(protocol="udp")), "Proxy.Config.protocol: 'udp' is not one of tcp, http, http2, grpc"),
-    "instance address bad": (lambda d: d.add_instance("redis", "10.0.0.1 backup", 21000), "Service.Address: '10.0.0.1 backup' is not an IP address"),
     "expired leaf": (lambda d: d.inject(LEAF, body=expired_leaf(d)), "leaf certificate: expired at 20"),
     "leaf not yet valid": (lambda d: d.inject(LEAF, body=future_leaf(d)), "leaf certificate: not valid until 20"),
     "leaf key mismatch": (lambda d: d.inject(LEAF, body=leaf_json(d, PrivateKeyPEM=other_key_pem())), "PrivateKeyPEM does not match"),
@@ -93,6 +90,16 @@ FAULTS = {
     "leaf from another CA": (lambda d: d.inject(LEAF, body=foreign_leaf(d)), "trust domain"),
     "haproxy -c fails": (lambda d: d.update_service("www-sidecar-proxy", set_config(local_connect_timeout_ms=10**12)),
                          "haproxy -c rejected the rendered config"),
+}
+
+# A target the agent does not answer, or answers with a bad value: it costs that target only.
+# The render goes on; the target keeps the instances the last run had (the bundle stays as it
+# was); one line names it. (Before issue 20 each was the whole run's error.)
+ITEM_FAULTS = {
+    "connection dropped": (lambda d: d.inject("/v1/health/connect/redis", drop=True), "GET /v1/health/connect/redis: cannot reach"),
+    "503 empty": (lambda d: d.inject("/v1/health/connect/redis", status=503, body=""), "503 (empty body)"),
+    "health not a list": (lambda d: d.inject("/v1/health/connect/redis", body='{"a":1}'), "expected a JSON list of health entries"),
+    "instance address bad": (lambda d: d.add_instance("redis", "10.0.0.1 backup", 21000), "Service.Address: '10.0.0.1 backup' is not an IP address"),
 }
 
 # Values from Consul that would inject HAProxy syntax if they reached the template.
@@ -152,3 +159,23 @@ def test_injection_is_refused_and_keeps_the_bundle(case, rendered):
     double.update_service("www-sidecar-proxy", mutate)
     assert_clean_failure(again(), field)
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("case", sorted(ITEM_FAULTS))
+def test_a_bad_target_costs_only_itself(case, rendered):
+    double, out, again = rendered
+    live_before = os.readlink(out / "live")
+    config_before = (out / "haproxy.cfg").read_text()
+    apply, message = ITEM_FAULTS[case]
+    apply(double)
+    double.renew_leaf("www")                 # work for the same run: it must still be done
+    run = again()
+    assert run.code == 3, run.stderr
+    lines = run.stderr.strip().splitlines()
+    skipped = [line for line in lines if line.startswith("meshgen: www-sidecar-proxy: skipped: ")]
+    assert len(skipped) == 1 and message in skipped[0], lines
+    live_after = os.readlink(out / "live")
+    # The leaf went live; the config is the same but for the bundle's own path: redis kept its
+    # instance.
+    assert (out / "leaf.pem").read_bytes() != (out / live_before / "leaf.pem").read_bytes()
+    assert (out / "haproxy.cfg").read_text() == config_before.replace(live_before, live_after)

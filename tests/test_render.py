@@ -95,7 +95,7 @@ def resolved(registration: dict, by_name: dict | None = None, entries: list = ()
     chains, answers = {}, {}
     for upstream in sidecar.upstreams:
         if not upstream.follows_chain:
-            answers[meshgen.direct_query(upstream)] = meshgen.Reply(by_name.get(upstream.name, []), 1)
+            answers[meshgen.direct_query(upstream)] = meshgen.parse_instances(by_name.get(upstream.name, []), upstream.name, "dc1")[0]
             continue
         query = meshgen.chain_query(upstream)
         overrides = json.loads(query.body) if query.body else {}
@@ -104,7 +104,7 @@ def resolved(registration: dict, by_name: dict | None = None, entries: list = ()
         chains[upstream.key] = chain = meshgen.parse_chain({"Chain": compiled}, upstream)
         for target in chain.targets:
             keep = _filter(target.filter) if target.filter else (lambda _: True)
-            answers[target.query] = meshgen.Reply([e for e in by_name.get(target.service, []) if keep(e)], 1)
+            answers[target.query] = meshgen.parse_instances([e for e in by_name.get(target.service, []) if keep(e)], target.id, "dc1")[0]
     return meshgen.with_chains(sidecar, chains, answers)
 
 
@@ -362,7 +362,7 @@ def test_split_weights_become_thresholds_of_one_draw():
             {"Weight": 33.34, "ServiceSubset": "c"}]}]
     upstream = _api_upstream()
     chain = meshgen.parse_chain(_compiled(entries), upstream)
-    resolved = meshgen.resolve_upstream(upstream, chain, {t.query: meshgen.Reply([], 1) for t in chain.targets})
+    resolved = meshgen.resolve_upstream(upstream, chain, {t.query: () for t in chain.targets})
     route, = resolved.routes
     assert [(s.backend, s.below) for s in route.splits] == [
         ("upstream_api:a.api.default.dc1", 3333), ("upstream_api:b.api.default.dc1", 6666),
@@ -373,7 +373,7 @@ def test_split_weights_become_thresholds_of_one_draw():
 def test_an_upstream_with_no_config_entries_renders_as_before():
     upstream = _api_upstream()
     chain = meshgen.parse_chain(_compiled([]), upstream)
-    resolved = meshgen.resolve_upstream(upstream, chain, {t.query: meshgen.Reply([], 1) for t in chain.targets})
+    resolved = meshgen.resolve_upstream(upstream, chain, {t.query: () for t in chain.targets})
     assert resolved.routes == () and [b.name for b in resolved.backends] == ["upstream_api"]
     assert (resolved.protocol, resolved.backends[0].connect_timeout_ms, resolved.backends[0].about) == ("tcp", 5000, ())
 
@@ -394,6 +394,6 @@ def test_settings_of_newer_consul_that_meshgen_does_not_render_are_named():
     assert parsed.unapplied == (
         "resolver:api.default.dc1: LoadBalancer policy 'ring_hash' is not applied (HAProxy balances round robin)",
         "route-1: Destination.RequestHeaders is not applied")
-    resolved = meshgen.resolve_upstream(upstream, parsed, {t.query: meshgen.Reply([], 1) for t in parsed.targets})
+    resolved = meshgen.resolve_upstream(upstream, parsed, {t.query: () for t in parsed.targets})
     assert {b.name: b.request_timeout_ms for b in resolved.backends} == {
         "upstream_api:api.default.dc1:timeout-2000ms": 2000, "upstream_api:api.default.dc1": 9000}

@@ -95,13 +95,15 @@ def test_the_minimal_acl_policy_is_enough_and_each_rule_is_needed(real_consul_ac
         token = agent.create_token("\n".join(r.format(service=www, upstream=redis) for r in rules.values()))
         env = agent_env(agent, CONSUL_HTTP_TOKEN=token)
         shown = run_meshgen("show", "--sidecar-for", www, "--json", env=env)
-        instances = len(json.loads(shown.stdout)["upstreams"][0]["instances"]) if shown.code == 0 else -1
+        summary = json.loads(shown.stdout) if shown.code == 0 else {}
+        instances = len(summary["upstreams"][0]["instances"]) if summary else -1
         authorize = agent.call_status("POST", "/v1/agent/connect/authorize", token=token, json={
             "Target": www, "ClientCertURI": f"spiffe://x.consul/ns/default/dc/dc1/svc/{redis}",
             "ClientCertSerial": "01"})
-        return shown.code, instances, authorize, shown.stderr
+        return shown.code, instances, authorize, shown.stderr, summary.get("skipped")
 
     assert outcome(MINIMAL_POLICY)[:3] == (0, 1, 200)
+    assert outcome(MINIMAL_POLICY)[4] == []
     without = {name: outcome({k: v for k, v in MINIMAL_POLICY.items() if k != name}) for name in MINIMAL_POLICY}
     listener.close()
     assert without["own registration"][0] == 1          # --sidecar-for finds no sidecar, and says which read
@@ -110,29 +112,36 @@ def test_the_minimal_acl_policy_is_enough_and_each_rule_is_needed(real_consul_ac
     assert without["leaf and authorize"][0] == 1        # the leaf is refused (403)
     assert without["leaf and authorize"][2] == 403
     # 1.8.7 hides entries the token may not read with no sign of it (current Consul sets
-    # X-Consul-Results-Filtered-By-ACLs): an empty upstream, not an error, without these two.
-    assert without["upstream and its sidecars"][:2] == (1, -1)   # not even the name: index 1, an error
+    # X-Consul-Results-Filtered-By-ACLs): an empty upstream without these two. Without read on
+    # the upstream its chain is refused: that upstream alone is left without instances, and
+    # `show` names why.
+    assert without["upstream and its sidecars"][:2] == (0, 0)
+    assert len(without["upstream and its sidecars"][4]) == 1
+    assert f"discovery-chain/{redis}: 403" in without["upstream and its sidecars"][4][0]
     assert without["nodes of health entries"][:2] == (0, 0)
 
 
-def test_a_token_that_cannot_read_an_upstream_is_an_error_not_an_empty_backend(acl_agent, any_haproxy, tmp_path):
+def test_a_token_that_cannot_read_an_upstream_costs_that_upstream_and_says_so(acl_agent, any_haproxy, tmp_path):
     """Without read on the upstream, its discovery chain is refused (403 naming the rule). With
     it, a chain can still lead to a service the token may not read (here a redirect): Consul
     1.8.7 answers that service's instances with [] at index 1 and does not block on it, current
-    Consul adds X-Consul-Results-Filtered-By-ACLs. Either way nothing is empty, it is hidden, and
-    the sidecar says so in one line and writes nothing."""
+    Consul adds X-Consul-Results-Filtered-By-ACLs. Either way the instances are hidden, not
+    absent: the sidecar says so in one line, and that upstream alone has no servers (its
+    listener refuses connections); the leaf, the roots and the intentions still go out."""
     load_seed(acl_agent)
     www = {"service_prefix:www": "write", "node_prefix:": "read"}
     www_hcl = 'service_prefix "www" { policy = "write" }\nnode_prefix "" { policy = "read" }'
     code, err = render(acl_agent, tmp_path / "out", any_haproxy,
                        env=agent_env(acl_agent, CONSUL_HTTP_TOKEN=sidecar_token(acl_agent, www_hcl)))
-    assert code == 1, err
-    refused = "meshgen: error: POST /v1/discovery-chain/redis: 403 Permission denied"
+    assert code == 3, err
+    assert _servers(tmp_path / "out", "upstream_redis") == []
+    tail = ": its listener refuses connections until it is fixed"
+    refused = "meshgen: www-sidecar-proxy: skipped: upstream redis: POST /v1/discovery-chain/redis: 403 Permission denied"
     if isinstance(acl_agent, RealAgent):         # 1.8.7's 403 bodies name nothing
-        assert err.strip() == refused, err
+        assert err.strip().splitlines()[0] == refused + tail, err
     else:                                        # current Consul's name the token and the rule
         assert re.fullmatch(re.escape(refused) + r": token with AccessorID '[0-9a-f-]+' lacks permission "
-                            r"'service:read' on \"redis\"", err.strip()), err
+                            r"'service:read' on \"redis\"" + re.escape(tail), err.strip().splitlines()[0]), err
     if isinstance(acl_agent, RealAgent):
         token = acl_agent.create_token(www_hcl + '\nservice_prefix "redis" { policy = "read" }')
         acl_agent.register({"Kind": "connect-proxy", "ID": "cache-sidecar-proxy", "Name": "cache-sidecar-proxy",
@@ -147,11 +156,18 @@ def test_a_token_that_cannot_read_an_upstream_is_an_error_not_an_empty_backend(a
         if isinstance(acl_agent, RealAgent):
             acl_agent.delete_config("service-resolver", "redis")
             acl_agent.deregister("cache-sidecar-proxy")
-    assert code == 1, err
-    assert err.strip().splitlines() == [
-        "meshgen: error: GET /v1/health/connect/cache: the agent hid the instances of 'cache': "
-        "the token cannot read them (it needs service:read on 'cache' and its sidecars, and node:read)"]
-    assert not (tmp_path / "out" / meshgen.LIVE).exists()
+    assert code == 3, err
+    assert [line for line in err.strip().splitlines() if "skipped:" in line] == [
+        "meshgen: www-sidecar-proxy: skipped: instances of target cache.default.dc1: GET /v1/health/connect/cache: "
+        "the agent hid the instances of 'cache': the token cannot read them (it needs service:read on 'cache' "
+        "and its sidecars, and node:read): no instances until it is fixed"]
+    assert _servers(tmp_path / "out", "upstream_redis") == []
+
+
+def _servers(out, backend: str) -> list[str]:
+    """The server lines of a backend in the live haproxy.cfg."""
+    section = (out / "haproxy.cfg").read_text().split(f"\nbackend {backend}\n")[1].split("\n\n")[0]
+    return [line for line in section.splitlines() if line.strip().startswith("server ")]
 
 
 # Intention sets, each a list of (source, destination, action), callers c0..c11 and the
