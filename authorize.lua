@@ -104,13 +104,20 @@ end
 -- ------------------------------------------------------------------------------------------
 -- The caller, as intentions.map names it.
 
+-- A name as meshgen.py's check_name accepts it: a caller whose name intentions.map could not
+-- hold is refused, never decided by the line for unnamed callers.
+local function plain_name(name)
+    return #name <= 128 and name:match("^[%w][%w_%.%-]*$") ~= nil
+end
+
 -- "namespace/service" of a service identity; nil for any other kind (agent, gateway, ...).
 local function caller_of(uri)
     local namespace, service = uri:match("^spiffe://[^/]+/ns/([^/]+)/dc/[^/]+/svc/([^/]+)$")
     if not namespace then
         namespace, service = uri:match("^spiffe://[^/]+/ap/[^/]+/ns/([^/]+)/dc/[^/]+/svc/([^/]+)$")
     end
-    return namespace and namespace .. "/" .. service
+    if not (namespace and plain_name(namespace) and plain_name(service)) then return nil end
+    return namespace .. "/" .. service
 end
 
 -- Callers already identified, for haproxy.cfg to find by certificate digest without calling
@@ -146,7 +153,7 @@ local function identify(txn)
         return nil, "client certificate is of trust domain " .. domain .. ", not this mesh's"
     end
     local caller = caller_of(uri)
-    if not caller then return nil, "client certificate is not of a service" end
+    if not caller then return nil, "client certificate is not of a service with a plain name" end
     if #uri <= 200 then remember(txn, caller, uri) end
     return caller
 end

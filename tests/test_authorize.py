@@ -352,3 +352,15 @@ def test_a_live_change_of_five_thousand_callers_commits_them_all(double, start_s
     assert len(shown.splitlines()) == 5002          # every caller, the newcomer and "*"
     assert talk(sidecar.port, revoked) is None
     assert talk(sidecar.port, allowed) == b"ping\n"
+
+
+def test_a_caller_whose_name_no_intention_could_hold_is_refused_even_under_an_allow_all(double, start_sidecar):
+    """meshgen leaves out an intention whose source is no plain name (Consul 1.8.7 stores "-i",
+    "web~x", a name of 200 characters): a deny for such a caller cannot be rendered, so such a
+    caller may never reach the line for unnamed callers either."""
+    double.set_intention("*", "web", "allow")
+    sidecar = start_sidecar()
+    assert talk(sidecar.port, sidecar.identity("plain").context()) == b"ping\n"
+    for odd in ("-i", "web~x", "a" * 129, "web%41"):
+        uri = double.service_uri("api").rsplit("/", 1)[0] + "/" + odd
+        assert talk(sidecar.port, Identity.custom(double, sidecar.ids, f"odd{len(odd)}", uri).context()) is None, odd
