@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -364,3 +365,45 @@ def test_a_caller_whose_name_no_intention_could_hold_is_refused_even_under_an_al
     for odd in ("-i", "web~x", "a" * 129, "web%41"):
         uri = double.service_uri("api").rsplit("/", 1)[0] + "/" + odd
         assert talk(sidecar.port, Identity.custom(double, sidecar.ids, f"odd{len(odd)}", uri).context()) is None, odd
+
+
+def _from_port(port: int, context, source_port: int):
+    """An OpenConnection from a chosen local port."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    raw.bind(("127.0.0.1", source_port))
+    raw.settimeout(5)
+    raw.connect(("127.0.0.1", port))
+    connection = OpenConnection.__new__(OpenConnection)
+    connection.tls = context.wrap_socket(raw)
+    assert connection.echoes()
+    return connection
+
+
+def test_a_new_connection_from_a_reused_port_gets_its_own_lifetime(double, start_sidecar):
+    """The tracked entry of a connection outlives it by a minute; a new connection from the same
+    address and port found that entry and took its start time, and was cut as if 3.1 s old when
+    0.3 s old. Now each connection's entry carries its own start."""
+    double.set_intention("api", "web", "allow")
+    sidecar = start_sidecar({"max_connection_lifetime_ms": 3000})
+    client = sidecar.identity("api").context()
+    source_port = free_port()
+    first = _from_port(sidecar.port, client, source_port)
+    time.sleep(1.5)
+    first.tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST: no TIME_WAIT
+    first.close()
+    second, opened = _from_port(sidecar.port, client, source_port), time.monotonic()
+    lived = []
+
+    def watch_it() -> None:
+        while second.echoes():
+            time.sleep(0.1)
+        lived.append(time.monotonic() - opened)
+    watcher = threading.Thread(target=watch_it)
+    watcher.start()
+    result = meshgen_run(double, sidecar.proxy_id, sidecar.out, sidecar.binary,
+                         runtime_socket=sidecar.out / "admin.sock", wait=6)
+    watcher.join(5)
+    assert result.waited_out
+    assert lived and 3.0 <= lived[0] < 6, lived       # its own three seconds, not what was left of the first's
+    second.close()
