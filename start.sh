@@ -20,6 +20,8 @@
 #                        seed's container did; it is stopped last. CONSUL_LOCAL_CONFIG, if set, is
 #                        given to it as a config file, as the official Consul image does.
 #   CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN_FILE, CONSUL_CACERT, ...  read by meshgen itself
+# A token given as CONSUL_HTTP_TOKEN moves into a private file for meshgen; the app and HAProxy
+# are started without CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE and CONSUL_LOCAL_CONFIG.
 set -u
 
 service_id=${MESHGEN_SERVICE_ID:?set MESHGEN_SERVICE_ID to the service ID of the app in Consul}
@@ -37,6 +39,7 @@ app_pid=
 consul_pid=
 sleep_pid=
 render_pid=
+private_dir=
 
 log() {
     printf '%s start.sh: %s\n' "$(date -u '+%Y-%m-%dT%H:%M:%SZ')" "$*" >&2
@@ -67,6 +70,7 @@ shutdown() {
         kill -TERM "$consul_pid" 2>/dev/null
         wait "$consul_pid" 2>/dev/null
     fi
+    [ -n "$private_dir" ] && rm -rf "$private_dir"
     log "stopped"
     exit "${2:-0}"
 }
@@ -82,28 +86,43 @@ pause() {
     sleep_pid=
 }
 
+# Start a command in the background without the variables that hold or lead to a Consul token;
+# env execs it, so $! is the command's own pid, for the signals that stop it.
+spawn_without_secrets() {
+    env -u CONSUL_HTTP_TOKEN -u CONSUL_HTTP_TOKEN_FILE -u CONSUL_LOCAL_CONFIG "$@" &
+}
+
 start_haproxy() {
     log "starting HAProxy on $out/haproxy.cfg"
-    "$haproxy" -W -S "$out/master.sock" -f "$out/haproxy.cfg" &
+    spawn_without_secrets "$haproxy" -W -S "$out/master.sock" -f "$out/haproxy.cfg"
     haproxy_pid=$!
 }
+
+# Secrets go into files only this user can read, never into an argument.
+private_dir=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/meshgen-private.XXXXXX") || exit 1
+if [ -n "${CONSUL_HTTP_TOKEN:-}" ] && [ -z "${CONSUL_HTTP_TOKEN_FILE:-}" ]; then
+    (umask 077 && printf '%s\n' "$CONSUL_HTTP_TOKEN" >"$private_dir/token")
+    CONSUL_HTTP_TOKEN_FILE=$private_dir/token
+    export CONSUL_HTTP_TOKEN_FILE
+fi
+unset CONSUL_HTTP_TOKEN
 
 if [ -n "${MESHGEN_CONSUL_AGENT_ARGS:-}" ]; then
     agent_args=$MESHGEN_CONSUL_AGENT_ARGS
     if [ -n "${CONSUL_LOCAL_CONFIG:-}" ]; then
-        # It may hold tokens: a private file, never an argument.
-        local_config=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/consul-local.XXXXXX")/local.json
+        # It may hold tokens, as the official Consul image's does.
+        local_config=$private_dir/local.json
         (umask 077 && printf '%s\n' "$CONSUL_LOCAL_CONFIG" >"$local_config")
         agent_args="$agent_args -config-file=$local_config"
     fi
     log "starting the local Consul agent: consul agent $agent_args"
     # shellcheck disable=SC2086
-    consul agent $agent_args &
+    spawn_without_secrets consul agent $agent_args
     consul_pid=$!
 fi
 if [ "$#" -gt 0 ]; then
     log "starting the app: $*"
-    "$@" &
+    spawn_without_secrets "$@"
     app_pid=$!
 fi
 

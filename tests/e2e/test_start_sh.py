@@ -28,14 +28,14 @@ def shell(request):
 
 
 class StartSh:
-    def __init__(self, shell: list[str], double, haproxy: str, out: Path, log: Path, **env):
+    def __init__(self, shell: list[str], double, haproxy: str, out: Path, log: Path, _app=(), **env):
         self.log_path, self.out = log, out
         environment = {**os.environ, "MESHGEN_SERVICE_ID": "web", "MESHGEN_OUT": str(out),
                        "MESHGEN_WAIT": "2s", "MESHGEN_BACKOFF_MAX": "2", "MESHGEN_STOP_GRACE": "3",
                        "MESHGEN_HAPROXY": haproxy, "MESHGEN": f"{sys.executable} {ROOT / 'meshgen.py'}",
                        "CONSUL_HTTP_ADDR": double.url, **env}
         self._log = open(log, "wb")
-        self.process = subprocess.Popen([*shell, str(ROOT / "start.sh")], env=environment,
+        self.process = subprocess.Popen([*shell, str(ROOT / "start.sh"), *_app], env=environment,
                                         stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:
@@ -62,7 +62,8 @@ class StartSh:
 
 
 def haproxy_processes(config_dir: Path) -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    # -ww: without a terminal, ps cuts lines short, and the config's path with them.
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in ps.splitlines() if "haproxy" in line and str(config_dir) in line]
 
 
@@ -199,3 +200,28 @@ while :; do sleep 0.1; done
     assert lines[1:3] == [local_config, "600"]
     assert lines[-1] == "got TERM"
     assert "agent-secret-token" not in script.log()
+
+
+def test_no_token_reaches_the_environment_of_the_app_or_haproxy(shell, mesh, double, tmp_path):
+    """meshgen gets the token from a private file start.sh writes; the app and every HAProxy
+    process start without CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE or CONSUL_LOCAL_CONFIG."""
+    start, port, client = mesh
+    token = "5d3a1c9e-token-for-meshgen-only"
+    double.enable_acls("deny")
+    double.add_token({"service_prefix:": "write"}, secret=token)
+    app_env = tmp_path / "app.environ"
+    script = start(shell, CONSUL_HTTP_TOKEN=token, CONSUL_LOCAL_CONFIG='{"acl": {"tokens": {"agent": "agent-secret"}}}',
+                   _app=["sh", "-c", f"tr '\\0' '\\n' </proc/self/environ >{app_env}; exec sleep 60"])
+    wait_listening(port, script.process)
+    assert talk(port, client) == b"ping\n"                     # meshgen read the token: it rendered
+    pids = [line.split()[0] for line in haproxy_processes(tmp_path / "out")]
+    assert pids
+    environments = {pid: Path(f"/proc/{pid}/environ").read_bytes() for pid in pids}
+    deadline = time.monotonic() + 5
+    while not app_env.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    environments["app"] = app_env.read_bytes()
+    for who, environ in environments.items():
+        assert token.encode() not in environ and b"agent-secret" not in environ, who
+        assert b"CONSUL_HTTP_TOKEN" not in environ and b"CONSUL_LOCAL_CONFIG" not in environ, who
+    assert script.stop() == 0
