@@ -391,7 +391,7 @@ def _fetch_intentions(client: ConsulClient, service: str) -> Reply:
 
 def fetch_default_decision(client: ConsulClient, service: str, caller_uri: str) -> tuple[bool, str]:
     """The agent's own decision for a caller no intention names: Consul's wildcards, ACL
-    default policy and version defaults, without a rule of ours (section 13)."""
+    default policy and version defaults, without a rule of ours (docs/consul-reference.md)."""
     path = "/v1/agent/connect/authorize"
     data = client.request("POST", path, body={"Target": service, "ClientCertURI": caller_uri}).data
     if not isinstance(data, dict) or not isinstance(data.get("Authorized"), bool):
@@ -1066,7 +1066,7 @@ def parse_instances(entries: list, field: str) -> tuple[Instance, ...]:
 # =========================================================================== discovery chain
 #
 # Consul compiles an upstream's service-resolver, service-splitter and service-router entries
-# into one discovery chain (shared/consul-api.md section 12), and asks a proxy to turn its nodes
+# into one discovery chain (docs/consul-reference.md, the discovery chain), and asks a proxy to turn its nodes
 # into their nearest native equivalents:
 #   resolver   a backend: the instances of its target (a service, or a subset of it by filter,
 #              in a datacenter), or while it has none, of its first failover target that has
@@ -2127,7 +2127,7 @@ def bundle_diff(old: dict, new: dict) -> list[str]:
 # one's (docs/live-changes.md): new CA roots, a new leaf, an upstream's instances, intentions
 # that change intentions.map alone (L7 permissions are haproxy.cfg's, a reload). HAProxy names
 # files by the paths it loaded them from, in the bundle it was last (re)loaded on. Its answer
-# `Success!` proves nothing (shared/haproxy-notes.md), so a change counts as applied only once
+# `Success!` proves nothing (docs/haproxy-reference.md), so a change counts as applied only once
 # its effect is seen:
 #   roots    a throwaway CA, made in memory and never written, is committed with the new roots
 #            and must let its client in; then the roots alone, and it must be refused. Both
@@ -2938,7 +2938,7 @@ def _field(obj: dict, name: str, default=None):
 
 def expand_definition(data, source: str) -> dict:
     """A definition as users register it ({"service": {... "connect": {"sidecar_service": {}}}})
-    becomes the agent/service view of its sidecar, with the defaults of consul-api.md section 1;
+    becomes the agent/service view of its sidecar, with the defaults of docs/consul-reference.md;
     an agent/service response is taken as it is."""
     if isinstance(data, dict) and data.get("Kind") == "connect-proxy":
         return data
