@@ -1,18 +1,22 @@
 # The seed's image idea on a maintained base: the app, a Consul agent, HAProxy and meshgen in one
-# container, started by start.sh. HAProxy comes from Debian; meshgen is installed with pip.
+# container, started by start.sh. HAProxy comes from Debian 13 (trixie): 3.0, an LTS branch
+# HAProxy maintains; meshgen is installed with pip.
 #
 #   docker build -t meshgen .
 #   docker build -t meshgen-redis --build-arg APP_PACKAGES=redis-server .
+#
+# Where no Docker engine runs, .ci/dockerfile-root.py performs these same steps in a chroot of
+# Debian trixie (tests/e2e/test_container.py builds it and runs start.sh in it).
 FROM hashicorp/consul:1.17 AS consul
 
-FROM debian:bookworm-slim
+FROM debian:trixie-slim
 
 # Extra Debian packages for the app that runs beside the sidecar (for example redis-server).
 ARG APP_PACKAGES=""
 
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends haproxy=2.6.* python3=3.11.* python3-venv=3.11.* \
+ && apt-get install -y --no-install-recommends haproxy=3.0.* python3=3.13.* python3-venv=3.13.* \
         ca-certificates ${APP_PACKAGES} \
  && rm -rf /var/lib/apt/lists/*
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what meshgen's demo and tests need, idempotently:
 #   - with apt (root or sudo): lua5.3, lua5.4, redis-server, socat, busybox (Alpine's shell, for
-#     start.sh) and patchelf;
+#     start.sh), patchelf and debootstrap (the container's file system, built from the Dockerfile
+#     by .ci/dockerfile-root.py into .deps/image when tests/e2e/test_container.py first runs);
 #   - into .deps/ (ignored by git), from Debian's package archive without touching this machine's
 #     apt sources: HAProxy 2.6 (bookworm), 3.0 (trixie), 3.2 (sid), 3.4 (experimental) and
 #     Consul 1.8.7 (bullseye), each with the libraries it links against (.ci/fetch-debian.sh);
@@ -14,7 +15,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
 for tool in lua5.3:lua5.3 lua5.4:lua5.4 redis-server:redis-server redis-cli:redis-tools socat:socat \
-            busybox:busybox patchelf:patchelf; do
+            busybox:busybox patchelf:patchelf debootstrap:debootstrap; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -67,6 +67,8 @@ Exit codes:
 #     roots.pem authorize.lua   reload that began before the swap, and the one HAProxy loaded
 #     public.crt-list           for as long as it runs on it
 #     intentions.map callers.map
+#     manifest.json             what the live path and `status` compare: servers, options, maps,
+#                               serial, listener, from the model (nothing reads haproxy.cfg back)
 #   .stage-<random>/            a bundle being written; renamed to .bundle-<digest> once durable
 #   live -> .bundle-<digest>    swapped by one rename: the bundle HAProxy runs on
 #   haproxy.cfg -> live/haproxy.cfg, leaf.pem -> live/leaf.pem, ...    stable names
@@ -436,7 +438,7 @@ def _fetch_intentions(client: ConsulClient, service: str) -> Reply:
 
 def fetch_default_decision(client: ConsulClient, service: str, caller_uri: str) -> tuple[bool, str]:
     """The agent's own decision for a caller no intention names: Consul's wildcards, ACL
-    default policy and version defaults, without a rule of ours (section 13)."""
+    default policy and version defaults, without a rule of ours (docs/consul-reference.md)."""
     path = "/v1/agent/connect/authorize"
     data = client.request("POST", path, body={"Target": service, "ClientCertURI": caller_uri}).data
     if not isinstance(data, dict) or not isinstance(data.get("Authorized"), bool):
@@ -1154,7 +1156,7 @@ def _best_address(svc: dict, node: dict, wan: bool) -> tuple[str, object, object
 # =========================================================================== discovery chain
 #
 # Consul compiles an upstream's service-resolver, service-splitter and service-router entries
-# into one discovery chain (shared/consul-api.md section 12), and asks a proxy to turn its nodes
+# into one discovery chain (docs/consul-reference.md, the discovery chain), and asks a proxy to turn its nodes
 # into their nearest native equivalents:
 #   resolver   a backend: the instances of its target (a service, or a subset of it by filter,
 #              in a datacenter), or while it has none, of its first failover target that has
@@ -1697,6 +1699,12 @@ class Decision:
     reason: str       # logged with the connection: safe characters only, no "|"
 
 
+    @property
+    def map_value(self) -> str:
+        """Its value in intentions.map, which haproxy.cfg splits at "|"."""
+        return f"{self.verdict}|{self.reason}"
+
+
 @dataclass(frozen=True)
 class Intentions:
     decisions: tuple[Decision, ...]     # named callers by name, then UNNAMED_CALLER
@@ -1902,6 +1910,136 @@ HERE = Path(__file__).resolve().parent
 
 
 TEMPLATES = ("haproxy.cfg", "public.crt-list", "intentions.map", "callers.map")   # from templates/NAME.j2
+# The bundle's facts for the live path and `meshgen status`, from the model that haproxy.cfg is
+# rendered from: nothing reads haproxy.cfg back.
+MANIFEST = "manifest.json"
+FIXED_BUNDLE_PATH = "/meshgen-bundle"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """One default-server line of an upstream's backends, for HAProxy versions from `since` and
+    before `before` ("": no bound), as the config's `.if version_atleast()` selects it when
+    HAProxy loads it. Defined here once: haproxy.cfg prints it, and a server the runtime API
+    adds repeats it, since a dynamic server takes nothing from default-server."""
+    text: str
+    since: str = ""
+    before: str = ""
+    why: tuple[str, ...] = ()            # haproxy.cfg's comment on it
+
+    def applies_to(self, version: tuple[int, ...]) -> bool:
+        def parsed(text: str) -> tuple[int, ...]:
+            return tuple(int(part) for part in text.split("."))
+        return (not self.since or version >= parsed(self.since)) and (not self.before or version < parsed(self.before))
+
+
+def upstream_server_options(upstream: Upstream, bundle: str) -> tuple[ServerOptions, ...]:
+    """How every server of an upstream is dialled: mutual TLS with this bundle's leaf and roots,
+    health checks as Config asks."""
+    check = upstream.passive_health_check
+    words = [f"ssl crt {bundle}/leaf.pem ca-file {bundle}/roots.pem verify required"]
+    words += ["alpn h2"] if upstream.h2 else []
+    words += ["check check-ssl"] if upstream.advanced_check or check else []
+    if check:
+        words.append(f"observe {'layer7' if upstream.http else 'layer4'} error-limit {check.max_failures} "
+                     "on-error mark-down")
+        words += [f"inter {check.interval_ms}ms"] if check.interval_ms else []
+        words += [f"downinter {check.ejection_ms}ms"] if check.ejection_ms else []
+    options = (ServerOptions(" ".join(words)),)
+    if upstream.http:
+        options += (
+            ServerOptions("pool-purge-delay 500ms", before="3.0", why=(
+                "Idle connections to a server keep `del server` from removing it before 3.0, which drops",
+                "them itself: closing them sooner lets a removed instance go within a second.")),
+            ServerOptions("no-sni-auto no-check-sni-auto", since="3.3", why=(
+                "From 3.3 HAProxy sends the Host header as SNI and checks the server's certificate against",
+                "it. Consul's certificates name no host, only the SPIFFE ID checked above.")))
+    return options
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server line of an upstream backend, as the manifest records it."""
+    name: str
+    address: str        # host:port, [v6]:port, name:port, or unix@/path
+    weight: int
+
+    @classmethod
+    def of(cls, instance: Instance) -> "Server":
+        return cls(instance.server_name, instance.address, instance.weight)
+
+    @property
+    def by_name(self) -> bool:
+        """Addressed by a DNS name: HAProxy resolves it when it loads the config; a server the
+        runtime API adds by name is never resolved (seen on 2.6.12 and 3.4.7)."""
+        host = self.address.rpartition(":")[0].strip("[]")
+        if self.address.startswith("unix@"):
+            return False
+        try:
+            ipaddress.ip_address(host)
+            return False
+        except ValueError:
+            return True
+
+    @property
+    def state(self) -> tuple[str, str, str, int]:
+        """(name, address or DNS name, port, weight) as `show servers state` shows it (its
+        srv_fqdn for a server by name: srv_addr is what the name resolved to)."""
+        host, _, port = self.address.rpartition(":")
+        return self.name, host.strip("[]"), port, self.weight
+
+
+@dataclass(frozen=True)
+class Servers:
+    """An upstream backend's servers, and the options a runtime `add server` must repeat."""
+    backend: str
+    options: tuple[ServerOptions, ...]
+    servers: tuple[Server, ...]
+
+    def options_for(self, version: tuple[int, ...]) -> str:
+        return " ".join(option.text for option in self.options if option.applies_to(version))
+
+    def moved(self, bundle: str, to: str) -> "Servers":
+        """The same, with the options naming files in the bundle directory `to`."""
+        return dataclasses.replace(self, options=tuple(
+            dataclasses.replace(option, text=option.text.replace(f"{bundle}/", f"{to}/")) for option in self.options))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json: what a bundle holds that the running HAProxy can be asked about.
+    `fixed` is a digest of every file but what the runtime API changes (see render_into)."""
+    fixed: str
+    bundle: str                          # the directory its paths name
+    public_listener: str                 # host:port
+    leaf_serial: str                     # hex
+    roots_sha1: tuple[str, ...]
+    intentions: tuple[tuple[str, str], ...]      # intentions.map's (caller, value) lines
+    backends: tuple[Servers, ...]
+
+    FORMAT = 1
+
+    def encoded(self) -> bytes:
+        """Deterministic: keys sorted, lists in the model's order."""
+        document = dataclasses.asdict(self) | {"format": self.FORMAT}
+        return (json.dumps(document, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def decoded(cls, data: bytes) -> "Manifest":
+        document = json.loads(data)
+        if document.get("format") != cls.FORMAT:
+            raise ValueError(f"manifest format {document.get('format')!r}, not {cls.FORMAT}")
+        return cls(
+            fixed=document["fixed"], bundle=document["bundle"], public_listener=document["public_listener"],
+            leaf_serial=document["leaf_serial"], roots_sha1=tuple(document["roots_sha1"]),
+            intentions=tuple(tuple(line) for line in document["intentions"]),
+            backends=tuple(Servers(b["backend"], tuple(ServerOptions(o["text"], o["since"], o["before"], tuple(o["why"]))
+                                                      for o in b["options"]),
+                                   tuple(Server(v["name"], v["address"], v["weight"]) for v in b["servers"]))
+                           for b in document["backends"]))
+
+    def servers(self) -> dict:
+        return {servers.backend: servers for servers in self.backends}
 
 
 def resource(relative: str) -> Path:
@@ -1957,13 +2095,58 @@ def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, intenti
         loader=jinja2.FileSystemLoader(str(resource("templates/haproxy.cfg.j2").parent)),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
         lstrip_blocks=True, autoescape=False, bytecode_cache=_compiled_templates())
-    values = dict(sidecar=sidecar, trust_domain=certs.trust_domain, intentions=intentions,
-                  bundle=str(bundle_dir), admin_socket=str(admin_socket), intentions_map=INTENTIONS_MAP,
-                  callers_map=CALLERS_MAP)
-    files = {name: environment.get_template(f"{name}.j2").render(**values).encode() for name in TEMPLATES}
-    files |= {"roots.pem": certs.roots_pem.encode(), "leaf.pem": certs.leaf_pem.encode(),
-              "authorize.lua": resource("authorize.lua").read_bytes()}
+    lua = resource("authorize.lua").read_bytes()
+    files = render_templates(environment, sidecar, certs.trust_domain, intentions, str(bundle_dir), admin_socket)
+    files |= {"roots.pem": certs.roots_pem.encode(), "leaf.pem": certs.leaf_pem.encode(), "authorize.lua": lua}
+    # What a live change cannot alter, rendered again without the servers and with every path
+    # in the bundle the same: two bundles whose digests match differ only where the runtime API
+    # reaches (servers, CA roots, leaf, intentions.map).
+    fixed = render_templates(environment, without_instances(sidecar), certs.trust_domain, intentions,
+                             FIXED_BUNDLE_PATH, admin_socket)
+    del fixed[INTENTIONS_MAP]
+    files[MANIFEST] = manifest_of(sidecar, certs, intentions, str(bundle_dir),
+                                  digest_of(fixed | {"authorize.lua": lua})).encoded()
     return Bundle(bundle_dir.name, files)
+
+
+def render_templates(environment: jinja2.Environment, sidecar: Sidecar, trust_domain: str,
+                     intentions: "Intentions", bundle: str, admin_socket: Path) -> dict:
+    values = dict(sidecar=sidecar, trust_domain=trust_domain, intentions=intentions,
+                  bundle=bundle, admin_socket=str(admin_socket), intentions_map=INTENTIONS_MAP,
+                  callers_map=CALLERS_MAP,
+                  server_options={u.proxy_name: upstream_server_options(u, bundle) for u in sidecar.upstreams})
+    return {name: environment.get_template(f"{name}.j2").render(**values).encode() for name in TEMPLATES}
+
+
+def without_instances(sidecar: Sidecar) -> Sidecar:
+    return dataclasses.replace(sidecar, upstreams=tuple(
+        dataclasses.replace(u, backends=tuple(dataclasses.replace(b, instances=()) for b in u.backends))
+        for u in sidecar.upstreams))
+
+
+def digest_of(files: dict) -> str:
+    digest = hashlib.sha256()
+    for name, data in sorted(files.items()):
+        digest.update(b"%d %s %d\n" % (len(name), name.encode(), len(data)) + data)
+    return digest.hexdigest()
+
+
+def manifest_of(sidecar: Sidecar, certs: Certificates, intentions: "Intentions", bundle: str,
+                fixed: str) -> "Manifest":
+    return Manifest(
+        fixed=fixed,
+        bundle=bundle,
+        public_listener=sidecar.public_bind,
+        leaf_serial=f"{certs.serial_number:x}",
+        roots_sha1=_fingerprints(certs.roots_pem.encode()),
+        intentions=tuple((d.caller, d.map_value) for d in intentions.decisions),
+        backends=tuple(Servers(b.name, upstream_server_options(u, bundle),
+                               tuple(Server.of(i) for i in b.instances))
+                       for u in sidecar.upstreams for b in u.backends))
+
+
+def _fingerprints(pem: bytes) -> tuple[str, ...]:
+    return tuple(sorted(c.fingerprint(hashes.SHA1()).hex().upper() for c in x509.load_pem_x509_certificates(pem)))
 
 
 # =========================================================================== validate
@@ -2209,17 +2392,18 @@ def bundle_diff(old: dict, new: dict) -> list[str]:
 # =========================================================================== apply live
 #
 # With --runtime-socket, a change the running HAProxy can take through its runtime API goes in
-# live instead of by a reload: new CA roots, a new leaf, an upstream's instances, intentions
+# live instead of by a reload, planned by comparing the live bundle's manifest.json with the new
+# one's (docs/live-changes.md): new CA roots, a new leaf, an upstream's instances, intentions
 # that change intentions.map alone (L7 permissions are haproxy.cfg's, a reload). HAProxy names
 # files by the paths it loaded them from, in the bundle it was last (re)loaded on. Its answer
-# `Success!` proves nothing (shared/haproxy-notes.md), so a change counts as applied only once
+# `Success!` proves nothing (docs/haproxy-reference.md), so a change counts as applied only once
 # its effect is seen:
 #   roots    a throwaway CA, made in memory and never written, is committed with the new roots
 #            and must let its client in; then the roots alone, and it must be refused. Both
 #            commits reached the public listener, so it trusts exactly the new roots.
 #   leaf     a handshake with the public listener gets the new serial.
 #   both     a client without a certificate is still refused.
-#   servers  `show servers state` lists exactly the servers haproxy.cfg now renders.
+#   servers  `show servers state` lists exactly the servers the new manifest lists.
 #   intentions  `show map` lists exactly the new lines; then no connection of a caller now
 #            denied is left (`show table` of the tracked connections, `show sess`).
 # Only while HAProxy runs the bundle meshgen last had it load (after an exit 3 it was not
@@ -2232,34 +2416,6 @@ def bundle_diff(old: dict, new: dict) -> list[str]:
 # How long a removed instance's open connections may take to end before meshgen gives up on
 # deleting its server and asks for a reload, whose old worker then keeps them to their end.
 DRAIN_SECONDS = 2.0
-
-
-@dataclass(frozen=True)
-class Server:
-    name: str
-    address: str        # as haproxy.cfg writes it: host:port or [v6]:port
-    weight: int
-
-    @property
-    def state(self) -> tuple[str, str, str, int]:
-        """(name, address, port, weight) as `show servers state` prints them."""
-        host, _, port = self.address.rpartition(":")
-        return self.name, host.strip("[]"), port, self.weight
-
-
-@dataclass(frozen=True)
-class Servers:
-    """An upstream backend's servers in haproxy.cfg, and the options a runtime `add server`
-    must repeat (a dynamic server takes nothing from default-server): each default-server
-    line, with the versions it applies to when the config puts it under `.if
-    version_atleast(X)` (from X) or `.if !version_atleast(X)` (before X)."""
-    backend: str
-    options: tuple[tuple[tuple[int, ...], tuple[int, ...], str], ...]     # (from, before, text)
-    servers: tuple[Server, ...]
-
-    def options_for(self, version: tuple[int, ...]) -> str:
-        return " ".join(text for since, before, text in self.options
-                        if version >= since and (not before or version < before))
 
 
 @dataclass(frozen=True)
@@ -2277,69 +2433,27 @@ class LiveChange:
         return ", ".join(parts) or "nothing HAProxy runs on"
 
 
-_SERVER_LINE = re.compile(r"    server (\S+) (\S+) weight (\d+)")
-_DEFAULT_SERVER = "    default-server "
-_VERSION_IF = re.compile(r"\.if (!?)version_atleast\(([0-9.]+)\)")
-
-
-def split_servers(config: str, backends: set) -> tuple[str, dict]:
-    """haproxy.cfg without the server lines of the given backends, and those servers, read back
-    from the lines the template printed."""
-    kept, found, section, versions = [], {}, None, ((), ())
-    for line in config.splitlines(keepends=True):
-        if line[:1].isalpha():
-            words = line.split()
-            section = words[1] if words[0] == "backend" and words[1] in backends else None
-            if section:
-                found[section] = Servers(section, (), ())
-        elif match := _VERSION_IF.fullmatch(line.strip()):
-            bound = tuple(int(part) for part in match[2].split("."))
-            versions = ((), bound) if match[1] else (bound, ())
-        elif line.strip() == ".endif":
-            versions = ((), ())
-        elif section and (match := _SERVER_LINE.fullmatch(line.rstrip("\n"))):
-            server = Server(match[1], match[2], int(match[3]))
-            found[section] = dataclasses.replace(found[section], servers=found[section].servers + (server,))
-            continue
-        elif section and line.startswith(_DEFAULT_SERVER):
-            options = found[section].options + ((*versions, line[len(_DEFAULT_SERVER):].strip()),)
-            found[section] = dataclasses.replace(found[section], options=options)
-        kept.append(line)
-    return "".join(kept), found
-
-
-def plan_live_change(live_files: dict, live_dir: Path, bundle: Bundle, bundle_dir: Path,
-                     loaded_dir: Path, backends: set) -> LiveChange | None:
-    """The change from the live bundle to `bundle` if the runtime API can make all of it;
-    None when it needs a reload. Both are read with the paths of the bundle HAProxy loaded,
-    the names it knows its files by."""
-    if set(live_files) != set(bundle.files):
+def plan_live_change(live: Manifest, new: Manifest, live_files: dict, files: dict,
+                     loaded_dir: Path) -> LiveChange | None:
+    """The change from the live bundle to a new one, from their manifests, if the runtime API
+    can make all of it; None when it needs a reload. Server options name files by the paths of
+    the bundle HAProxy loaded, the names it knows them by."""
+    if set(live_files) != set(files) or live.fixed != new.fixed:
         return None
-
-    def loaded_paths(files: dict, directory: Path) -> dict:
-        return {name: data.replace(str(directory).encode(), str(loaded_dir).encode()) for name, data in files.items()}
-    live, here = loaded_paths(live_files, live_dir), loaded_paths(bundle.files, bundle_dir)
-    if any(here[name] != live[name] for name in here
-           if name not in ("haproxy.cfg", "roots.pem", "leaf.pem", INTENTIONS_MAP)):
-        return None
-    running_config, running = split_servers(live["haproxy.cfg"].decode(), backends)
-    new_config, rendered = split_servers(here["haproxy.cfg"].decode(), backends)
-    if running_config != new_config:
-        return None
-    changed = tuple((running[name], rendered[name]) for name in sorted(rendered) if running[name] != rendered[name])
-    if any(server.address.startswith("unix@") for _, new in changed for server in new.servers):
-        return None     # `show servers state` cannot show such a server's path: no proof, so reload
-    return LiveChange(roots_pem=here["roots.pem"] if here["roots.pem"] != live["roots.pem"] else None,
-                      leaf_pem=here["leaf.pem"] if here["leaf.pem"] != live["leaf.pem"] else None,
+    running, rendered = live.servers(), new.servers()
+    changed = tuple((running[name], rendered[name].moved(new.bundle, str(loaded_dir)))
+                    for name in sorted(rendered) if running[name].servers != rendered[name].servers)
+    for old, now in changed:
+        added = {s.name for s in now.servers} - {s.name for s in old.servers}
+        # `show servers state` cannot show a socket server's path, and HAProxy never resolves
+        # the name of a server the runtime API adds: no effect to see, so reload.
+        if any(s.address.startswith("unix@") for s in now.servers) or \
+                any(s.by_name for s in now.servers if s.name in added):
+            return None
+    return LiveChange(roots_pem=files["roots.pem"] if files["roots.pem"] != live_files["roots.pem"] else None,
+                      leaf_pem=files["leaf.pem"] if files["leaf.pem"] != live_files["leaf.pem"] else None,
                       servers=changed,
-                      intentions=map_entries(here[INTENTIONS_MAP]) if here[INTENTIONS_MAP] != live[INTENTIONS_MAP]
-                      else None)
-
-
-def map_entries(data: bytes) -> tuple[tuple[str, str], ...]:
-    """(key, value) of each line of a map file, as HAProxy reads it."""
-    return tuple(tuple(line.split(" ", 1)) for line in data.decode().splitlines()
-                 if line and not line.startswith("#"))
+                      intentions=new.intentions if new.intentions != live.intentions else None)
 
 
 class ProbeCA:
@@ -2517,8 +2631,8 @@ class RuntimeAPI:
         return [session for session, address in self.sessions(frontend) if address in addresses]
 
     def server_states(self, backend: str) -> set | None:
-        """(name, address, port, weight) of each server that takes traffic, and (name, 'not
-        ready') for any other; None if the backend is unknown."""
+        """(name, address or DNS name, port, weight) of each server that takes traffic, and
+        (name, 'not ready') for any other; None if the backend is unknown."""
         lines = self(f"show servers state {backend}").splitlines()
         if not lines or not lines[0].startswith("1"):
             return None
@@ -2527,9 +2641,10 @@ class RuntimeAPI:
             fields = line.split()
             if len(fields) < 19 or fields[1] != backend:
                 continue
-            # srv_admin_state 0: not in maintenance; srv_uweight; srv_port is the 19th field.
-            ready = fields[6] == "0"
-            states.add((fields[3], fields[4], fields[18], int(fields[7])) if ready else (fields[3], "not ready"))
+            # srv_admin_state 0: not in maintenance; srv_uweight; srv_fqdn, "-" for a server by
+            # address (srv_addr then is the address; for one by name, what the name resolved to).
+            ready, host = fields[6] == "0", fields[4] if fields[17] == "-" else fields[17]
+            states.add((fields[3], host, fields[18], int(fields[7])) if ready else (fields[3], "not ready"))
         return states
 
 
@@ -2548,9 +2663,11 @@ def apply_live(runtime: RuntimeAPI, out_dir: Path, loaded: str, change: LiveChan
     Only on the bundle meshgen last had it load: the live bundle describes that one alone."""
     loaded_dir = out_dir.resolve() / loaded
     try:
+        # 1. HAProxy runs the bundle meshgen last had it load: the live one describes it.
         if (running := running_bundle(runtime, out_dir)) != loaded:
             return (f"HAProxy runs {running or 'no bundle of ' + str(out_dir)}, not {loaded}, which "
                     "meshgen last asked it to load")
+        # 2. New CA roots: with a probe CA the listener must let in, then without it, refuses.
         if change.roots_pem is not None:
             probe, path = ProbeCA(), loaded_dir / "roots.pem"
             if not (runtime.commit("ca-file", path, change.roots_pem + probe.root_pem)
@@ -2558,19 +2675,23 @@ def apply_live(runtime: RuntimeAPI, out_dir: Path, loaded: str, change: LiveChan
                 return "the new CA roots did not reach the public listener"
             if not runtime.commit("ca-file", path, change.roots_pem) or lets_in(listener, probe.client_pem):
                 return "the public listener still trusts a CA that is not in the new roots"
+        # 3. A new leaf.
         if change.leaf_pem is not None and not runtime.commit("cert", loaded_dir / "leaf.pem", change.leaf_pem):
             return "HAProxy refused the new leaf certificate"
+        # 4. After either: the listener serves the new serial, and still demands a certificate.
         if change.roots_pem is not None or change.leaf_pem is not None:
             if lets_in(listener, None):
                 return "the public listener no longer demands a client certificate"
             if (seen := served_serial(listener)) != serial:
                 return (f"the public listener serves the certificate with serial {seen:x}, not the new "
                         f"one ({serial:x})" if seen is not None else "the public listener did not answer")
+        # 5. Intentions: the whole map at once, then no open connection of a caller now denied.
         if change.intentions is not None:
             if not runtime.replace_map(loaded_dir / INTENTIONS_MAP, change.intentions):
                 return "HAProxy does not hold the new intentions"
             if (why := close_denied(runtime, dict(change.intentions))) is not None:
                 return why
+        # 6. Servers, backend by backend, with the options of the running version.
         version = runtime.version() if change.servers else ()
         for running, rendered in change.servers:
             if (why := change_servers(runtime, running, rendered.options_for(version), rendered)) is not None:
@@ -2618,7 +2739,7 @@ def change_servers(runtime: RuntimeAPI, running: Servers, options: str, rendered
             runtime(f"add server {backend}/{server.name} {server.address} weight {server.weight} {options}")
             # A dynamic server starts in maintenance, its health checks off.
             runtime(f"enable server {backend}/{server.name}")
-            if re.search(r"(^| )check( |$)", options):
+            if "check" in options.split():
                 runtime(f"enable health {backend}/{server.name}")
         elif before[server.name].weight != server.weight:
             runtime(f"set server {backend}/{server.name} weight {server.weight}")
@@ -2648,46 +2769,44 @@ class Comparison:
         return self.running == self.on_disk
 
 
-_UPSTREAM_BACKEND = re.compile(r"^backend ((?:upstream|query)_\S+)$", re.M)
-_PUBLIC_BIND = re.compile(r"^frontend public_listener\n(?:(?:    #.*)?\n)*    bind (\S+) ", re.M)
-
-
-def _fingerprints(pem: bytes) -> list[str]:
-    return sorted(c.fingerprint(hashes.SHA1()).hex().upper() for c in x509.load_pem_x509_certificates(pem))
-
-
 def _shown_servers(states) -> str:
     if states is None:
         return "no such backend"
     return ", ".join(" ".join(map(str, state)) for state in sorted(states)) or "none"
 
 
+def live_manifest(out_dir: Path, files: dict) -> Manifest | None:
+    """The live bundle's manifest; None for a bundle without one (an older meshgen's)."""
+    try:
+        return Manifest.decoded(files[MANIFEST])
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def compare_running(out_dir: Path, runtime: RuntimeAPI) -> list[Comparison]:
-    """What the running HAProxy serves and holds, beside the live bundle: the leaf's serial,
-    client verification, the CA roots, each upstream's servers."""
+    """What the running HAProxy serves and holds, beside the live bundle's manifest: the leaf's
+    serial, client verification, the CA roots, each upstream's servers."""
     live, files = live_bundle(out_dir)
     if live is None:
         raise MeshgenError(f"--out {out_dir}: no live bundle there; run `meshgen render` first")
-    config = files["haproxy.cfg"].decode()
-    bind = _PUBLIC_BIND.search(config)
-    if bind is None:
-        raise MeshgenError(f"--out {out_dir}: haproxy.cfg has no public listener meshgen rendered")
-    listener = _probe_address(bind[1])
+    manifest = live_manifest(out_dir, files)
+    if manifest is None:
+        raise MeshgenError(f"--out {out_dir}: the live bundle has no {MANIFEST} this meshgen reads; "
+                           "run `meshgen render` again")
+    listener = _probe_address(manifest.public_listener)
     try:
         running = running_bundle(runtime, out_dir)
         held = re.findall(r"SHA1 FingerPrint: ([0-9A-F]+)",
                           runtime(f"show ssl ca-file {out_dir.resolve() / running / 'roots.pem'}")) if running else []
         served = served_serial(listener)
-        _, rendered = split_servers(config, set(_UPSTREAM_BACKEND.findall(config)))
         rows = [
-            Comparison("leaf serial", "no answer" if served is None else f"{served:x}",
-                       f"{x509.load_pem_x509_certificate(files['leaf.pem']).serial_number:x}"),
+            Comparison("leaf serial", "no answer" if served is None else f"{served:x}", manifest.leaf_serial),
             Comparison("client without a certificate", "let in" if lets_in(listener, None) else "refused", "refused"),
-            Comparison("CA roots (SHA-1)", " ".join(sorted(held)) or "none", " ".join(_fingerprints(files["roots.pem"]))),
+            Comparison("CA roots (SHA-1)", " ".join(sorted(held)) or "none", " ".join(manifest.roots_sha1)),
         ]
-        rows += [Comparison(f"servers of {name}", _shown_servers(runtime.server_states(name)),
+        rows += [Comparison(f"servers of {servers.backend}", _shown_servers(runtime.server_states(servers.backend)),
                             _shown_servers({server.state for server in servers.servers}))
-                 for name, servers in sorted(rendered.items())]
+                 for servers in sorted(manifest.backends, key=lambda b: b.backend)]
     except OSError as err:
         raise MeshgenError(f"--runtime-socket {runtime.socket_path}: cannot reach HAProxy: {err.strerror or err}") from None
     return rows
@@ -2929,9 +3048,10 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
     #    Before the swap, under a marker that names the bundle: a run killed in between leaves
     #    it, for the next run to see what HAProxy may hold.
     plan = None
-    if changed and request.runtime_socket is not None and live is not None and not interrupted:
-        plan = plan_live_change(live_files, out_dir.resolve() / live, bundle, out_dir.resolve() / bundle.name,
-                                out_dir.resolve() / loaded, {b.name for u in sidecar.upstreams for b in u.backends})
+    live_facts = live_manifest(out_dir, live_files) if live is not None else None
+    if changed and request.runtime_socket is not None and live_facts is not None and not interrupted:
+        plan = plan_live_change(live_facts, Manifest.decoded(bundle.files[MANIFEST]), live_files, bundle.files,
+                                out_dir.resolve() / loaded)
     if plan is not None:
         _write_marker(out_dir, bundle.name)
     why_not = None if plan is None else apply_live(
@@ -3175,7 +3295,7 @@ def _field(obj: dict, name: str, default=None):
 
 def expand_definition(data, source: str) -> dict:
     """A definition as users register it ({"service": {... "connect": {"sidecar_service": {}}}})
-    becomes the agent/service view of its sidecar, with the defaults of consul-api.md section 1;
+    becomes the agent/service view of its sidecar, with the defaults of docs/consul-reference.md;
     an agent/service response is taken as it is."""
     if isinstance(data, dict) and data.get("Kind") == "connect-proxy":
         return data

@@ -1,5 +1,6 @@
-"""A Consul agent double: the HTTP API a Connect sidecar uses, as ../shared/consul-api.md
-describes it (section 11 is the checklist), served on loopback from a thread.
+"""A Consul agent double: the HTTP API a Connect sidecar uses, as docs/consul-reference.md
+describes it for current Consul ("What the agent double models"), served on loopback from a
+thread.
 
 Tests drive it through the Python API of `ConsulDouble`; users run it from the command line with
 a services file in the seed's registration shape:
@@ -81,7 +82,7 @@ class CARoot:
 
 
 class CertificateAuthority:
-    """Consul's built-in CA (section 4): EC P-256 roots, leaves with an empty subject and one
+    """Consul's built-in CA (docs/consul-reference.md, the leaf): EC P-256 roots, leaves with an empty subject and one
     critical URI SAN, serials from one counter shared by everything the CA signs."""
 
     def __init__(self, cluster_id: str | None = None):
@@ -363,7 +364,7 @@ class ConsulDouble:
     def register(self, definition: dict) -> str:
         """Register a service as `consul services register` does, in the seed's shape
         ({"service": {...}} or the bare service). A `connect.sidecar_service` block is expanded
-        with Consul's defaults (consul-api.md section 1). Returns the service ID."""
+        with Consul's defaults (docs/consul-reference.md, the registration). Returns the service ID."""
         wrapped = _get(definition, "service")
         raw = wrapped if isinstance(wrapped, dict) else definition
         name = _get(raw, "Name")
@@ -513,7 +514,7 @@ class ConsulDouble:
             self._changed()
 
     def reset_health_index(self, destination: str, index: int) -> None:
-        """Make an index go backwards, as after a snapshot restore (section 7). A restore
+        """Make an index go backwards, as after a snapshot restore (docs/consul-reference.md, blocking queries). A restore
         abandons the state store's watches, so blocked queries answer at once."""
         with self.lock:
             self._health_changed(destination, index)
@@ -668,7 +669,7 @@ class ConsulDouble:
 
     # ------------------------------------------------------------------ blocking
     def _block(self, current, query: dict, deadline_of=None) -> None:
-        """Index blocking (section 7): wait while `current()` <= index, up to `wait` plus jitter."""
+        """Index blocking (docs/consul-reference.md): wait while `current()` <= index, up to `wait` plus jitter."""
         if "index" not in query:
             return
         index = _parse_index(query["index"])
@@ -950,7 +951,7 @@ class ConsulDouble:
     _PRECEDENCE = {(False, False): 9, (True, False): 8, (False, True): 6, (True, True): 5}
 
     def _intentions_match_ep(self, _, query, secret, body):
-        """GET /v1/connect/intentions/match?by=destination&name=X (section 13): the intentions
+        """GET /v1/connect/intentions/match?by=destination&name=X (docs/consul-reference.md): the intentions
         that apply to X, highest precedence first; an L7 one carries Permissions, no Action."""
         if query.get("by") != "destination" or not query.get("name"):
             raise HTTPError(400, "required query parameter 'by' set to 'destination' and 'name'")
@@ -971,7 +972,7 @@ class ConsulDouble:
 
     # ------------------------------------------------------------------ config entries, chains
     # Config entries as `PUT /v1/config` takes them, and the discovery chain Consul compiles
-    # from them (section 12): resolvers (subsets, default subset, redirect, failover, connect
+    # from them (docs/consul-reference.md, the discovery chain): resolvers (subsets, default subset, redirect, failover, connect
     # timeout), splitters and routers, for one datacenter and the default namespace.
 
     def set_config(self, entry: dict) -> None:
@@ -1217,7 +1218,7 @@ def _content_hash(service: dict) -> str:
 
 
 def _encode(payload, pretty: bool) -> bytes:
-    """Compact JSON without a newline, or ?pretty: 4-space indents and a newline (section 0.1)."""
+    """Compact JSON without a newline, or ?pretty: 4-space indents and a newline, as Consul's `?pretty` gives."""
     if pretty:
         return json.dumps(payload, indent=4).encode() + b"\n"
     return json.dumps(payload, separators=(",", ":")).encode()

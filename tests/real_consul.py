@@ -1,7 +1,7 @@
 """Real Consul agents for the tests: the Consul install-deps.sh puts in .deps/ (Debian's 1.8.7),
 started on loopback, and driven through its HTTP API with the same calls the tests make on the
 double. Where 1.8.7 differs from the current Consul the double models, the tests say so
-(shared/consul-api.md section 15)."""
+(docs/consul-reference.md, "Differences measured on 1.8.7")."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
-"""The agent double against ../shared/consul-api.md section 11, item by item. Tests taking
-`agent` run on the double and on a real Consul agent, with the same assertions; where the
-Consul versions differ, the test says which does what."""
+"""The agent double against docs/consul-reference.md ("What the agent double models"), item by
+item. Tests taking `agent` run on the double and on a real Consul agent, with the same
+assertions; where the Consul versions differ, the test says which does what."""
 from __future__ import annotations
 
 import datetime as dt

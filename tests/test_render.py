@@ -4,6 +4,7 @@ Set MESHGEN_UPDATE_GOLDEN=1 to rewrite the golden files after an intended change
 diff before committing it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -297,8 +298,9 @@ def test_an_app_on_a_unix_socket_keeps_its_expose_paths_on_tcp(haproxy, tmp_path
 
 def test_runtime_server_options_follow_the_configs_version_conditions():
     """A server added at runtime gets the options of the default-server lines that apply to the
-    running version, as HAProxy itself reads the `.if version_atleast()` blocks."""
-    _, servers = meshgen.split_servers(bundle("full").files["haproxy.cfg"].decode(), {"upstream_api"})
+    running version, as HAProxy itself reads the `.if version_atleast()` blocks; the manifest
+    holds them, from the model haproxy.cfg prints them from."""
+    servers = meshgen.Manifest.decoded(bundle("full").files[meshgen.MANIFEST]).servers()
     options = {version: servers["upstream_api"].options_for(version) for version in [(2, 6), (3, 0), (3, 4, 7)]}
     assert all(o.startswith("ssl crt /run/meshgen/") and "verify required check check-ssl" in o
                for o in options.values())
@@ -397,3 +399,26 @@ def test_settings_of_newer_consul_that_meshgen_does_not_render_are_named():
     resolved = meshgen.resolve_upstream(upstream, parsed, {t.query: () for t in parsed.targets})
     assert {b.name: b.request_timeout_ms for b in resolved.backends} == {
         "upstream_api:api.default.dc1:timeout-2000ms": 2000, "upstream_api:api.default.dc1": 9000}
+
+
+def test_the_manifest_is_rendered_from_the_model_byte_for_byte():
+    """Same input in any order, the same manifest.json. Its digest of what no live change can
+    alter ignores the instances and the certificates, and follows a backend's settings."""
+    certs = meshgen.throwaway_certificates("web")
+
+    def manifest(sidecar: meshgen.Sidecar, with_certs=certs) -> bytes:
+        return meshgen.render_into(OUT / ".bundle-0123456789abcdef", sidecar, with_certs, intentions("full"),
+                                   OUT / "admin.sock").files[meshgen.MANIFEST]
+
+    def fixed(data: bytes) -> str:
+        return meshgen.Manifest.decoded(data).fixed
+    full = model("full")
+    assert manifest(full) == manifest(model("full", shuffle=True))
+    without = meshgen.without_instances(full)
+    assert manifest(without) != manifest(full) and fixed(manifest(without)) == fixed(manifest(full))
+    assert fixed(manifest(full, meshgen.throwaway_certificates("web"))) == fixed(manifest(full))
+    upstream = full.upstreams[0]
+    slower = dataclasses.replace(upstream, backends=(
+        dataclasses.replace(upstream.backends[0], connect_timeout_ms=upstream.backends[0].connect_timeout_ms + 1),
+        *upstream.backends[1:]))
+    assert fixed(manifest(dataclasses.replace(full, upstreams=(slower, *full.upstreams[1:])))) != fixed(manifest(full))
