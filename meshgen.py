@@ -1647,7 +1647,7 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
 # =========================================================================== intentions
 #
 # Consul's intentions for this service become intentions.map in the bundle, which haproxy.cfg
-# looks up on each connection (in HTTP mode, each request): the caller's namespace/service, as
+# looks up on each connection (in HTTP mode, each request): the caller's partition/namespace/service, as
 # authorize.lua reads it from the SPIFFE ID, to a decision. No agent call on a connection's
 # path; every thread, and every worker after a reload, decides alike; with the agent down, the
 # last decisions stand (fail static). Consul stays the oracle: a caller that no intention names
@@ -1662,6 +1662,10 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
 # as it does for Envoy.
 
 UNNAMED_CALLER = "*"      # intentions.map's line for every caller no other line names
+# A caller is partition/namespace/service (OSS: default/default/NAME). A "*" source reaches every
+# service of its namespace, partition/namespace/*, or with namespace "*" every service of its
+# partition, partition/*/*. haproxy.cfg looks a caller up in that order, most specific first, as
+# Consul ranks their precedence, and UNNAMED_CALLER last: the agent's answer for the rest.
 _REASON_UNSAFE = re.compile(r"[^A-Za-z0-9 ._:/*=>(),-]")
 _QUOTABLE = re.compile(r"[\x20-\x26\x28-\x7e]{0,512}")      # printable ASCII but "'"
 _HEADER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -1694,7 +1698,7 @@ class L7Rules:
 
 @dataclass(frozen=True)
 class Decision:
-    caller: str       # namespace/service, or UNNAMED_CALLER
+    caller: str       # partition/namespace/service, a wildcard of one, or UNNAMED_CALLER
     verdict: str      # allow, deny, or an L7Rules tag
     reason: str       # logged with the connection: safe characters only, no "|"
 
@@ -1715,7 +1719,7 @@ class Intentions:
 @dataclass(frozen=True)
 class Intention:
     """One entry of the agent's match list, checked."""
-    caller: str                          # namespace/name, or UNNAMED_CALLER for a "*" source
+    caller: str                          # partition/namespace/name, a wildcard key, or UNNAMED_CALLER
     action: str | None                   # allow or deny; None for an L7 intention
     permissions: tuple[tuple[str, tuple[Match, ...]], ...]   # (allow|deny, matches)
     text: str                            # source => destination (precedence N)
@@ -1807,8 +1811,8 @@ def parse_intention(entry, field: str) -> Intention:
     if not isinstance(entry, dict):
         raise MeshgenError(f"{field}: not an object")
     source, destination = _intention_name(entry, "Source", field), _intention_name(entry, "Destination", field)
+    caller = _caller_key(entry, source, field)
     namespace = entry.get("SourceNS") or "default"
-    namespace = namespace if namespace == "*" else check_name(namespace, f"{field}.SourceNS")
     permissions = tuple(parse_permission(raw, f"{field}.Permissions[{i}]")
                         for i, raw in enumerate(_list(entry.get("Permissions"), f"{field}.Permissions")))
     action = None if permissions else entry.get("Action")
@@ -1817,7 +1821,18 @@ def parse_intention(entry, field: str) -> Intention:
     precedence = entry.get("Precedence")
     text = (f"{namespace}/{source} => {entry.get('DestinationNS') or 'default'}/{destination} "
             f"(precedence {precedence if isinstance(precedence, int) else '?'})")
-    return Intention(UNNAMED_CALLER if source == "*" else f"{namespace}/{source}", action, permissions, text)
+    return Intention(caller, action, permissions, text)
+
+
+def _caller_key(entry: dict, source: str, field: str) -> str:
+    """The intentions.map key of an intention's source (see UNNAMED_CALLER)."""
+    partition = check_name(entry.get("SourcePartition") or "default", f"{field}.SourcePartition")
+    namespace = entry.get("SourceNS") or "default"
+    if namespace == "*" and source != "*":
+        raise MeshgenError(f"{field}.SourceNS: '*' needs SourceName '*' too")
+    if namespace != "*":
+        check_name(namespace, f"{field}.SourceNS")
+    return f"{partition}/{namespace}/{source}"
 
 
 def parse_intentions(entries: list, field: str) -> tuple[list[Intention], tuple[str, ...]]:
@@ -1842,32 +1857,45 @@ def parse_intentions(entries: list, field: str) -> tuple[list[Intention], tuple[
 def _named_caller(entry) -> str | None:
     """The caller a malformed intention names, if that much of it is sound."""
     try:
-        source = _intention_name(entry, "Source", "")
-        namespace = entry.get("SourceNS") or "default"
-        if source == "*":
-            return UNNAMED_CALLER
-        return f"{check_name(namespace, '')}/{source}"
+        return _caller_key(entry, _intention_name(entry, "Source", ""), "")
     except (MeshgenError, AttributeError):
         return None
 
 
-def deciding_intentions(intentions: list[Intention]) -> tuple[dict, Intention | None]:
-    """From Consul's order (highest precedence first), the intention that decides each named
-    caller: the first whose source is the caller or "*". A caller that a "*" intention reaches
-    first is decided as any unnamed caller, by the first "*" intention (returned too)."""
-    named, wildcard = {}, None
+def wider_keys(caller: str) -> tuple[str, ...]:
+    """The wildcard keys that also reach `caller`, most specific first: the order haproxy.cfg
+    looks them up in after the caller's own."""
+    partition, namespace, service = caller.split("/")
+    return ((f"{partition}/{namespace}/*",) if service != "*" else ()) + (
+        (f"{partition}/*/*",) if namespace != "*" else ())
+
+
+def deciding_intentions(intentions: list[Intention]) -> dict:
+    """From Consul's order (highest precedence first), the intention that decides each key: the
+    first whose source is the key itself or a wildcard reaching it. A key that a wider wildcard
+    reached first gets no line: the lookup falls through to that wildcard's."""
+    named, wildcards = {}, set()
     for intention in intentions:
-        if intention.caller == UNNAMED_CALLER:
-            wildcard = wildcard or intention
-        elif wildcard is None:
-            named.setdefault(intention.caller, intention)
-    return named, wildcard
+        key = intention.caller
+        if not wildcards.intersection(wider_keys(key)):
+            named.setdefault(key, intention)
+        if key.endswith("/*"):
+            wildcards.add(key)
+    return named
+
+
+def decision_of(decisions: dict, caller: str) -> str:
+    """A caller's map value, looked up as haproxy.cfg does: its own key, then wider ones."""
+    for key in (caller, *wider_keys(caller), UNNAMED_CALLER):
+        if key in decisions:
+            return decisions[key]
+    return "deny|"
 
 
 def unnamed_caller_uri(leaf_spiffe_id: str, intentions: list[Intention]) -> str:
     """A SPIFFE ID of this mesh for a service that no intention names: the agent's answer for
     it is its answer for every such caller."""
-    names = {intention.caller.split("/", 1)[-1] for intention in intentions}
+    names = {intention.caller.rsplit("/", 1)[-1] for intention in intentions}
     name = "meshgen-unnamed-caller"
     while name in names:
         name += "-x"
@@ -1877,7 +1905,7 @@ def unnamed_caller_uri(leaf_spiffe_id: str, intentions: list[Intention]) -> str:
 def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_reason: str) -> Intentions:
     """What intentions.map and haproxy.cfg's L7 rules hold: each named caller's decision, the
     agent's for everyone else, and the rules of each L7 intention that decides someone."""
-    named, wildcard = deciding_intentions(intentions)
+    named = deciding_intentions(intentions)
     agent_verdict = "allow" if agent_allows else "deny"
     rules: dict[Intention, L7Rules] = {}
 
@@ -1893,15 +1921,12 @@ def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_re
             for i, (action, matches) in enumerate(intention.permissions, 1))))
         return Decision(caller, found.tag, _safe_reason(f"L7 intention: {intention.text}"))
     decisions = [decision(caller, named[caller]) for caller in sorted(named)]
-    # The agent's answer for an unnamed caller already weighs a sound "*" intention; it does not
-    # know that meshgen refused a malformed one, which denies.
-    if wildcard is not None and (wildcard.action is None or wildcard.invalid):
-        decisions.append(decision(UNNAMED_CALLER, wildcard))
-    else:
-        decisions.append(Decision(UNNAMED_CALLER, agent_verdict, _safe_reason(
-            f"no intention names the caller, the agent says: {agent_reason or agent_verdict}")))
-    return Intentions(tuple(decisions), tuple(rules.values()),
-                      unmatched=agent_verdict if wildcard is None else "deny")
+    decisions.append(Decision(UNNAMED_CALLER, agent_verdict, _safe_reason(
+        f"no intention names the caller, the agent says: {agent_reason or agent_verdict}")))
+    # A request no permission of an L7 intention matches gets Consul's default; the agent's
+    # answer is that only while no wildcard intention weighs in on it, and unknown otherwise.
+    wildcard = any(key.endswith("/*") for key in named)
+    return Intentions(tuple(decisions), tuple(rules.values()), unmatched="deny" if wildcard else agent_verdict)
 
 
 # =========================================================================== render
@@ -2706,7 +2731,7 @@ def close_denied(runtime: RuntimeAPI, decisions: dict) -> str | None:
     lists none of them. Twice: a connection decided just before the map's commit may be
     tracked just after the first look."""
     def denied(caller: str) -> bool:     # L7 callers are decided on each request instead
-        return decisions.get(caller, decisions.get(UNNAMED_CALLER, "deny|")).startswith("deny|")
+        return decision_of(decisions, caller).startswith("deny|")
     addresses: set = set()
     for _ in range(2):
         tracked = runtime.open_connections()

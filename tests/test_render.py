@@ -176,15 +176,40 @@ def test_full_example_carries_every_setting():
 
 def test_intentions_map_gives_each_named_caller_consuls_first_match_and_the_rest_the_agents_answer():
     """Consul's order decides: `late` (exact source, * destination, precedence 6) comes after
-    `* => web` (8), so the wildcard decides it, as it decides any unnamed caller; an L7
-    intention gives its caller its rules' tag; the agent's reason is made safe."""
+    `* => web` (8), so the wildcard decides it: `late` gets no line of its own and falls through
+    to the wildcard's, as any caller of the namespace does; an L7 intention gives its caller its
+    rules' tag; the rest get the agent's answer, its reason made safe."""
     lines = [line for line in bundle("full").files["intentions.map"].decode().splitlines()
              if not line.startswith("#")]
-    assert [line.split(" ", 1)[0] for line in lines] == ["default/api", "default/billing", "*"]
-    assert lines[0].startswith("default/api allow|intention: default/api => default/web (precedence 9)")
-    assert lines[1].startswith("default/billing l7-1|L7 intention: default/billing => default/web")
-    assert lines[2] == ("* deny|no intention names the caller, the agent says: Matched intention: DENY "
+    assert [line.split(" ", 1)[0] for line in lines] == [
+        "default/default/*", "default/default/api", "default/default/billing", "*"]
+    assert lines[0].startswith("default/default/* deny|intention: default/* => default/web (precedence 8)")
+    assert lines[1].startswith("default/default/api allow|intention: default/api => default/web (precedence 9)")
+    assert lines[2].startswith("default/default/billing l7-1|L7 intention: default/billing => default/web")
+    assert lines[3] == ("* deny|no intention names the caller, the agent says: Matched intention: DENY "
                         "default/* => default/web (ID: 1?2?X, Precedence: 8)")
+    decisions = dict(line.split(" ", 1) for line in lines)
+    assert meshgen.decision_of(decisions, "default/default/late").startswith("deny|")
+    assert meshgen.decision_of(decisions, "default/default/api").startswith("allow|")
+    assert meshgen.decision_of(decisions, "team/default/api").startswith("deny|no intention")
+
+
+def test_a_namespace_wildcard_reaches_its_namespace_only_and_the_partition_is_part_of_the_caller():
+    """Consul Enterprise: `ns-a/*` is every service of namespace ns-a, not every caller; and the
+    same name in another partition is another caller."""
+    entries = [dict(entry, DestinationName="web") for entry in (
+        {"SourceName": "api", "SourceNS": "ns-a", "SourcePartition": "team", "Action": "deny", "Precedence": 9},
+        {"SourceName": "*", "SourceNS": "ns-a", "Action": "allow", "Precedence": 8},
+        {"SourceName": "*", "SourceNS": "*", "SourcePartition": "team", "Action": "allow", "Precedence": 7})]
+    listed, skipped = meshgen.parse_intentions(entries, "i")
+    assert skipped == ()
+    decided = meshgen.decide(listed, False, False, "default deny")
+    decisions = {d.caller: d.map_value for d in decided.decisions}
+    assert set(decisions) == {"team/ns-a/api", "default/ns-a/*", "team/*/*", "*"}
+    verdict = {caller: meshgen.decision_of(decisions, caller).split("|")[0] for caller in (
+        "team/ns-a/api", "default/ns-a/api", "default/ns-a/web", "default/ns-b/web", "team/ns-b/web", "other/ns-a/api")}
+    assert verdict == {"team/ns-a/api": "deny", "default/ns-a/api": "allow", "default/ns-a/web": "allow",
+                       "default/ns-b/web": "deny", "team/ns-b/web": "allow", "other/ns-a/api": "deny"}
 
 
 def test_l7_permissions_become_request_rules_in_consuls_order():
@@ -205,7 +230,9 @@ def test_l7_permissions_become_request_rules_in_consuls_order():
 
 def test_on_a_tcp_service_an_l7_intention_denies():
     decided = intentions("full", http=False)
-    assert [d.verdict for d in decided.decisions] == ["allow", "deny", "deny"] and decided.l7 == ()
+    assert {d.caller: d.verdict for d in decided.decisions} == {
+        "default/default/*": "deny", "default/default/api": "allow", "default/default/billing": "deny", "*": "deny"}
+    assert decided.l7 == ()
 
 
 @pytest.mark.parametrize("entry, field", [
