@@ -400,7 +400,7 @@ def choose_chain(upstream: Upstream, answer: Reply | MeshgenError, kept: dict | 
         return ChainOutcome(check_chain(upstream, parse_chain(answer.data, upstream)), answer.data)
     except MeshgenError as err:
         problem = _one_line(str(err))
-    if kept is not None:
+    if isinstance(kept, dict) and isinstance(kept.get("Chain"), dict):
         try:
             return ChainOutcome(check_chain(upstream, parse_chain(kept, upstream)), kept, problem)
         except MeshgenError:
@@ -1503,16 +1503,19 @@ def model_upstreams(sidecar: Sidecar, data: AgentData, previous: WatchState | No
 
 
 def _kept_instances(kept) -> tuple[Instance, ...]:
-    """Instances a state file kept, checked again as any value read back is."""
+    """Instances a state file kept, checked again as any value read back is; none if any of
+    them is not as this code writes them."""
     found = []
-    for address, weight, service in kept or ():
-        host_port = address if not address.startswith("unix@") else None
-        if host_port is None:
-            check_path(address[len("unix@"):], "state file: instance")
-        else:
-            check_host_port(host_port, "state file: instance")
-        found.append(Instance(address, min(max(check_int(weight, "state file: weight"), 0), 256),
-                              check_name(service, "state file: service")))
+    try:
+        for address, weight, service in kept or ():
+            if address.startswith("unix@"):
+                check_path(address[len("unix@"):], "state file: instance")
+            else:
+                check_host_port(address, "state file: instance")
+            found.append(Instance(address, min(max(check_int(weight, "state file: weight"), 0), 256),
+                                  check_name(service, "state file: service")))
+    except (MeshgenError, TypeError, ValueError, AttributeError):
+        return ()
     return tuple(found)
 
 
