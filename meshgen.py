@@ -300,6 +300,13 @@ class ConsulClient:
     def close(self) -> None:
         self.pool.close_all()
 
+    def hang_up(self) -> None:
+        """Close the idle keep-alive connections (the next request opens one again): the agent
+        counts them against this address's cap while the run waits."""
+        for conn in list(self.pool.pool.queue if self.pool.pool else ()):
+            if conn is not None:
+                conn.close()
+
     def get(self, path: str, params: dict | None = None) -> Reply:
         return self.request("GET", path, params)
 
@@ -587,8 +594,8 @@ def _intentions_index(client: ConsulClient, index: int, wait: dict) -> int:
 class _Waiting:
     """What the threads of one wait share: whether it is over, and what the agent refused."""
 
-    def __init__(self, seconds: float, report):
-        self.report = report
+    def __init__(self, agent: str, seconds: float, report):
+        self.agent, self.report = agent, report
         self.deadline = time.monotonic() + seconds
         self.changed, self.done = threading.Event(), threading.Event()
         self.nudged = threading.Event()     # a change, or the checks signal moved: the reader looks
@@ -613,7 +620,8 @@ class _Waiting:
             self.refusing[watch] = err
             if cause not in self.reported:
                 self.reported.add(cause)
-                self.report(f"while waiting: {err}; trying again with backoff (at most {longest:g}s apart)")
+                self.report(f"while waiting, the Consul agent at {self.agent} refused: {err}; "
+                            f"trying again with backoff (at most {longest:g}s apart)")
         return min(longest, first * 2 ** attempt) * random.uniform(0.5, 1.0)
 
     def change(self) -> None:
@@ -741,7 +749,7 @@ def wait_for_change(settings: ConsulSettings, state: WatchState, seconds: float,
     than watch_connections() connections to the agent, all closed on return."""
     connections = watch_connections(state, budget)
     client = ConsulClient(settings, pool_size=connections, block=True)
-    waiting = _Waiting(seconds, report or (lambda line: None))
+    waiting = _Waiting(settings.unix_socket or settings.base_url, seconds, report or (lambda line: None))
     try:
         return _wait(client, state, waiting, poll_interval, direct_connections(state) > budget, sweep)
     finally:
@@ -763,7 +771,7 @@ def _wait(client: "ConsulClient", state: WatchState, waiting: _Waiting, poll_int
             waiting.pause(waiting.refused("roots", err, attempt))
             attempt += 1
             if waiting.remaining() <= 0.05:
-                raise _still_refused(client, waiting) from None
+                raise _still_refused(waiting) from None
         except MeshgenError:
             return True
     waiting.answered("roots")
@@ -801,7 +809,7 @@ def _wait(client: "ConsulClient", state: WatchState, waiting: _Waiting, poll_int
         now = time.monotonic()
         if now >= waiting.deadline:
             if waiting.refusing:
-                raise _still_refused(client, waiting)
+                raise _still_refused(waiting)
             return False
         if sweep:
             sweep()
@@ -829,10 +837,9 @@ def _wait(client: "ConsulClient", state: WatchState, waiting: _Waiting, poll_int
             return True
 
 
-def _still_refused(client: "ConsulClient", waiting: _Waiting) -> MeshgenError:
+def _still_refused(waiting: _Waiting) -> MeshgenError:
     last = next(iter(waiting.refusing.values()), None)
-    return AgentRefused(f"waited with the Consul agent at {client.settings.unix_socket or client.settings.base_url} "
-                        f"refusing: {last}")
+    return AgentRefused(f"the wait ended with the Consul agent at {waiting.agent} still refusing: {last}")
 
 
 # =========================================================================== model
@@ -2812,6 +2819,7 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str,
     # 2. With --wait, once there is a last run: block on Consul until something it saw changes;
     #    meanwhile, with the runtime socket, end connections past their lifetime.
     if request.wait_seconds is not None and previous is not None and not request.dry_run:
+        client.hang_up()
         watching = dataclasses.replace(settings, timeout=settings.timeout + request.wait_seconds * 17 / 16)
         sweep = None
         if request.runtime_socket is not None and previous.connection_lifetime_ms:
