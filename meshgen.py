@@ -573,10 +573,17 @@ def write_state(out_dir: Path, state: WatchState) -> None:
 SWEEP_SECONDS = 0.5      # how often a waiting run ends connections past their lifetime
 AGENT_CONNECTIONS = 6    # default --agent-connections: a sidecar of one upstream still long-polls each endpoint
 BUDGET_CONNECTIONS = 3   # a watch that does not fit: the intentions, the checks signal, one reader
+# The render's parallel reads share this many: when a change ends the waits of many sidecars at
+# once, their renders must fit beside the others' waits (1000 upstreams: 2.5 s with 4, 2.3 s with 8).
+FETCH_CONNECTIONS = 4
 CHECKS_SIGNAL = Query("GET", "/v1/health/state/any", (("filter", 'CheckID == ""'),))   # the index, no body
 SIGNAL_ROUNDS_SECONDS = 1.0        # a busy datacenter moves its checks all the time: one re-read a second
 REREAD_AFTER_SIGNAL = (0.2, 1.5)   # the agent's cache follows its servers within moments; a second look
 RESWEEP_SECONDS = 5.0
+# Consul 1.8.7 holds a long poll whose client went away, counted against the cap, until its wait
+# is over (seen: the connections of ended waits in CLOSE-WAIT on the agent). A budget wait's long
+# polls ask for no longer than this, so that what a run leaves behind is gone within a minute.
+BUDGET_LONG_POLL_SECONDS = 60.0
 BACKOFF_SECONDS = (1.0, 30.0)      # first and longest pause after the agent refused
 
 
@@ -600,6 +607,9 @@ class _Waiting:
         self.changed, self.done = threading.Event(), threading.Event()
         self.nudged = threading.Event()     # a change, or the checks signal moved: the reader looks
         self.signalled: list = []           # when the checks signal moved
+        self.read: threading.Event = threading.Event()   # no re-read pending
+        self.read.set()
+        self.longest_poll = math.inf
         self.lock = threading.Lock()
         self.reported: set = set()
         self.refusing: dict = {}        # watch -> the agent's last refusal, while it lasts
@@ -629,8 +639,12 @@ class _Waiting:
         self.nudged.set()
 
     def signal(self, _index) -> None:
+        """The checks signal moved: the reader re-reads, and the signal asks again only then,
+        so that a re-read that ends the wait leaves no long poll behind on the agent."""
         self.signalled.append(time.monotonic())
+        self.read.clear()
         self.nudged.set()
+        self.read.wait(max(0.0, self.remaining()))
 
     def answered(self, watch: str) -> None:
         with self.lock:
@@ -649,7 +663,7 @@ def _long_poll(waiting: _Waiting, watch: str, ask, marker, moved=None) -> None:
         asked = time.monotonic()
         try:
             # Rounded up, so that an unchanged answer comes at the deadline, not just before.
-            answer = ask(marker, {"wait": f"{math.ceil(waiting.remaining() * 1000)}ms"})
+            answer = ask(marker, {"wait": f"{math.ceil(min(waiting.remaining(), waiting.longest_poll) * 1000)}ms"})
         except AgentRefused as err:
             if waiting.over():
                 return
@@ -750,10 +764,14 @@ def wait_for_change(settings: ConsulSettings, state: WatchState, seconds: float,
     connections = watch_connections(state, budget)
     client = ConsulClient(settings, pool_size=connections, block=True)
     waiting = _Waiting(settings.unix_socket or settings.base_url, seconds, report or (lambda line: None))
+    budget_mode = direct_connections(state) > budget
+    if budget_mode:
+        waiting.longest_poll = BUDGET_LONG_POLL_SECONDS
     try:
-        return _wait(client, state, waiting, poll_interval, direct_connections(state) > budget, sweep)
+        return _wait(client, state, waiting, poll_interval, budget_mode, sweep)
     finally:
         waiting.done.set()
+        waiting.read.set()
         client.close()
 
 
@@ -791,7 +809,9 @@ def _wait(client: "ConsulClient", state: WatchState, waiting: _Waiting, poll_int
     for target, args in threads:
         threading.Thread(target=target, args=args, daemon=True).start()
     now = time.monotonic()
-    next_poll, next_sweep = now + poll_interval, now + RESWEEP_SECONDS
+    # A budget wait re-reads everything once at its start: the checks signal starts from where it
+    # stands now, so a change since the last run's reads would otherwise wait for the next sweep.
+    next_poll, next_sweep = now + poll_interval, now
     due_rereads: list = []
     attempt, retry_at = 0, 0.0
     while True:
@@ -800,6 +820,8 @@ def _wait(client: "ConsulClient", state: WatchState, waiting: _Waiting, poll_int
             moves.append(waiting.signalled.pop())
         if moves:
             due_rereads = [max(moves) + delay for delay in REREAD_AFTER_SIGNAL]
+        if not due_rereads:
+            waiting.read.set()
         wakes = [next_poll if polled else math.inf, waiting.deadline, *due_rereads[:1],
                  next_sweep if budget_mode else math.inf, time.monotonic() + SWEEP_SECONDS if sweep else math.inf]
         waiting.nudged.wait(max(0.0, min(wakes) - time.monotonic()))
@@ -2924,8 +2946,7 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
         agent_connections=agent_connections,
         runtime_socket=runtime_socket)
     check_path(str(out_dir.resolve()), "--out")
-    # The fetch's workers share at most this many connections.
-    settings, client, proxy_id = _connect(consul, pool_size=min(8, agent_connections), block=True)
+    settings, client, proxy_id = _connect(consul, pool_size=min(FETCH_CONNECTIONS, agent_connections), block=True)
 
     def say(text: str) -> None:
         click.echo(f"meshgen: {proxy_id}: {text}", err=True)
