@@ -725,12 +725,18 @@ def watch_connections(state: WatchState, budget: int) -> int:
     return direct if direct <= budget else BUDGET_CONNECTIONS
 
 
-def _watch_checks(waiting: "_Waiting", client: "ConsulClient") -> None:
-    """The checks signal, from where it stands now: each move nudges the reader."""
+def checks_index(client: "ConsulClient") -> int | None:
+    """Where the checks signal stands; None if the agent would not say (the long poll will)."""
     try:
-        index = CHECKS_SIGNAL.ask(client).index or 0
+        return CHECKS_SIGNAL.ask(client).index or 0
     except MeshgenError:
-        index = 0       # the long poll below meets the same answer, and handles it
+        return None
+
+
+def _watch_checks(waiting: "_Waiting", client: "ConsulClient", index: int | None) -> None:
+    """The checks signal, from `index` on: each move nudges the reader."""
+    if index is None:
+        index = checks_index(client) or 0
     _long_poll(waiting, "checks", lambda marker, wait: CHECKS_SIGNAL.ask(client, dict(wait, index=marker)).index,
                index, waiting.signal)
 
@@ -798,7 +804,8 @@ def _wait(client: "ConsulClient", state: WatchState, waiting: _Waiting, poll_int
     fixed = _fixed_watches(client, state)
     polled = [text for text in state.queries if not Query.parse(text).blocks]
     if budget_mode:
-        threads = [(_long_poll, (waiting, *fixed[3])), (_watch_checks, (waiting, client))]
+        # The signal's index before the first re-read: a change in between is then either read or signalled.
+        threads = [(_long_poll, (waiting, *fixed[3])), (_watch_checks, (waiting, client, checks_index(client)))]
         rereads = sorted(text for text in state.queries if Query.parse(text).blocks)
         targets = [text for text in rereads if not Query.parse(text).path.startswith(CHAIN_PATH)]
     else:

@@ -97,17 +97,22 @@ class Sidecar:
             self.process.wait(10)
 
 
-def settle(sidecars: list[Sidecar], seconds: float = 3.0) -> int:
-    """Until every sidecar is waiting on the state its last run saw: one that ends at once (it
-    caught up with a change its last run missed) waits again. How many did so."""
+def settle(sidecars: list[Sidecar], port: int, seconds: float = 3.0) -> int:
+    """Until every sidecar is waiting on the state its last run saw (its long polls open, and a
+    second more for its first re-read): one that ends at once (it caught up with a change its
+    last run missed) waits again. How many did so."""
     caught_up = 0
     time.sleep(seconds)
-    while ended := [s for s in sidecars if not s.waiting]:
+    while True:
+        ended = [s for s in sidecars if not s.waiting]
         caught_up += len(ended)
         for sidecar in ended:
             sidecar.wait()
-        time.sleep(seconds)
-    return caught_up
+        if not ended and all(agent_connections(s.process.pid, port) >= 2 for s in sidecars):
+            time.sleep(1.0)
+            if all(s.waiting for s in sidecars):
+                return caught_up
+        time.sleep(0.5)
 
 
 def left_behind(port: int) -> int:
@@ -156,7 +161,7 @@ def node(agent: RealAgent, port: int, consul_pid: int, args, scratch: Path) -> N
     print(f"   first renders: {time.monotonic() - started:.1f} s for all")
     for sidecar in sidecars:
         sidecar.wait()
-    settle(sidecars, 5)
+    settle(sidecars, port, 5)
     agent_cpu, samples = cpu_seconds(consul_pid), []
     mesh_cpu = sum(cpu_seconds(s.process.pid) for s in sidecars if s.waiting)
     hold_end = time.monotonic() + args.hold
@@ -186,13 +191,13 @@ def node(agent: RealAgent, port: int, consul_pid: int, args, scratch: Path) -> N
         round_latencies = ended_within(sharing, changed_at)
         codes = [s.process.returncode for s in sharing]
         still = sum(s.waiting for s in others)
-        print(f"   round {round_ + 1}: change-to-exit per sidecar (s): {round_latencies}; exit codes {sorted(set(codes))}; "
+        print(f"   round {round_ + 1} (load average {os.getloadavg()[0]:.1f}): change-to-exit per sidecar (s): {round_latencies}; exit codes {sorted(set(codes))}; "
               f"the other {len(others)} still waiting: {still}; connections the agent still holds for ended "
               f"waits: {left_behind(port)}")
         latencies += round_latencies
         for sidecar in sharing:
             sidecar.wait()
-        caught_up += settle(sharing)
+        caught_up += settle(sharing, port)
     print(f"   change-to-exit over {len(latencies)}: p50 {statistics.median(latencies):.2f} s, "
           f"p95 {p95(latencies):.2f} s, max {max(latencies):.2f} s")
     print(f"   runs that failed: {failures(sidecars)}; waits that ended at once, catching up: {caught_up}")
@@ -247,7 +252,8 @@ def main() -> None:
     binary = consul_binary()
     if binary is None:
         raise SystemExit("no Consul binary: install-deps.sh installs Consul 1.8.7 into .deps/")
-    print(f"Consul {consul_version(binary)} dev agent, default limits; {os.cpu_count()} cores; "
+    print(f"Consul {consul_version(binary)} dev agent, default limits; {os.cpu_count()} cores "
+          f"(load average {os.getloadavg()[0]:.1f}: other work shares them); "
           f"meshgen waits over at most {meshgen.AGENT_CONNECTIONS} connections "
           f"({meshgen.BUDGET_CONNECTIONS} when the watch does not fit)")
     process = ConsulProcess(binary).start()

@@ -77,6 +77,16 @@ def test_many_upstreams_wait_within_the_budget_and_see_a_change(many, change):
     assert (code, time.monotonic() - changed_at < within) == (3, True), err
 
 
+def test_a_change_before_the_wait_began_ends_it_at_once(many):
+    """The checks signal starts from where it stands when the wait begins: a change since the
+    last run's reads is found by the re-read at the start, not by the periodic one."""
+    double, out, names = many
+    double.add_instance(names[29], "10.0.1.202", 21000)
+    started = time.monotonic()
+    code, err = finish(render(double, out, wait="60s"))
+    assert (code, time.monotonic() - started < meshgen.RESWEEP_SECONDS) == (3, True), err
+
+
 def test_a_refusing_agent_gets_backoff_one_line_and_the_wait_goes_on(many):
     double, out, names = many
     process = render(double, out, wait="60s")
