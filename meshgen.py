@@ -607,7 +607,7 @@ class _Waiting:
         self.changed, self.done = threading.Event(), threading.Event()
         self.nudged = threading.Event()     # a change, or the checks signal moved: the reader looks
         self.signalled: list = []           # when the checks signal moved
-        self.read: threading.Event = threading.Event()   # no re-read pending
+        self.read = threading.Event()       # no re-read pending
         self.read.set()
         self.longest_poll = math.inf
         self.lock = threading.Lock()
@@ -829,9 +829,11 @@ def _wait(client: "ConsulClient", state: WatchState, waiting: _Waiting, poll_int
             due_rereads = [max(moves) + delay for delay in REREAD_AFTER_SIGNAL]
         if not due_rereads:
             waiting.read.set()
-        wakes = [next_poll if polled else math.inf, waiting.deadline, *due_rereads[:1],
-                 next_sweep if budget_mode else math.inf, time.monotonic() + SWEEP_SECONDS if sweep else math.inf]
-        waiting.nudged.wait(max(0.0, min(wakes) - time.monotonic()))
+        wakes = [next_poll if polled else math.inf, *due_rereads[:1], next_sweep if budget_mode else math.inf]
+        # While the reader backs off, what is due waits for it (a change still ends the wait).
+        wake = min(max(min(wakes), retry_at), waiting.deadline,
+                   time.monotonic() + SWEEP_SECONDS if sweep else math.inf)
+        waiting.nudged.wait(max(0.0, wake - time.monotonic()))
         waiting.nudged.clear()
         if waiting.changed.is_set():
             return True

@@ -4,9 +4,11 @@ backoff rather than a loop. On the double (Consul 1.22's behaviour) and on Consu
 limits.http_max_conns_per_client (its default is 200 connections from one address)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +35,11 @@ def finish(process, timeout=60):
 
 def port_of(agent) -> int:
     return int(agent.url.rsplit(":", 1)[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def refusal_lines(err: str) -> list[str]:
@@ -87,17 +94,19 @@ def test_a_change_before_the_wait_began_ends_it_at_once(many):
     assert (code, time.monotonic() - started < meshgen.RESWEEP_SECONDS) == (3, True), err
 
 
-def test_a_refusing_agent_gets_backoff_one_line_and_the_wait_goes_on(many):
+@pytest.mark.parametrize("refused", ["/v1/health/state/", "/v1/health/connect/"], ids=["signal", "reader"])
+def test_a_refusing_agent_gets_backoff_one_line_and_the_wait_goes_on(many, refused):
     double, out, names = many
     process = render(double, out, wait="60s")
     time.sleep(1.0)
-    double.inject("/v1/health/state/", status=429, body="rate limit exceeded")
-    asked_before = double.count("/v1/health/state/")
+    double.inject(refused, status=429, body="rate limit exceeded")
+    asked_before, cpu_before = double.count(refused), cpu_seconds(process.pid)
     double.set_status("elsewhere", "elsewhere-sidecar-proxy-1", "critical")    # wakes the signal
     time.sleep(6.0)
-    refused_asks = double.count("/v1/health/state/") - asked_before
+    refused_asks, cpu = double.count(refused) - asked_before, cpu_seconds(process.pid) - cpu_before
     assert process.poll() is None                   # still waiting: a refusal is not a change
     assert 1 <= refused_asks <= 6, refused_asks     # backoff, not a tight loop
+    assert cpu < 0.5, cpu                           # nor a loop that asks nothing: idle meanwhile
     double.clear_faults()
     changed_at = time.monotonic()
     double.add_instance(names[3], "10.0.1.201", 21000)
