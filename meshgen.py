@@ -1565,6 +1565,20 @@ def _quotable(value, field: str) -> str:
     return value
 
 
+# HAProxy ends an inline ACL at any word "}", quoted or not; every other value is safe after
+# "--", which ends the ACL's flags (a leading "-" would be read as one).
+_ACL_END_AS_REGEX = {"exact": "^[}]$", "prefix": "^[}]", "suffix": "[}]$"}
+
+
+def _literal_match(subject: str, how: str, value, field: str, **options) -> Match:
+    """A path, header or query parameter condition on one value, in a form HAProxy reads as
+    that value whatever its characters."""
+    value = _pattern(how, value, field)
+    if value == "}" and how in _ACL_END_AS_REGEX:
+        how, value = "regex", _ACL_END_AS_REGEX[how]
+    return Match(subject, how, (value,), **options)
+
+
 def _pattern(how: str, value, field: str) -> str:
     value = _quotable(value, field)
     if how != "regex":
@@ -1588,7 +1602,7 @@ def parse_permission(raw, field: str) -> tuple[str, tuple[Match, ...]]:
 def http_matches(http: dict, field: str, query_params: bool = False) -> tuple[Match, ...]:
     """The conditions of an intention's permission or a router's route (which may also match
     query parameters): path, methods, headers."""
-    matches = [Match("path", how, (_pattern(how, http[key], f"{field}.{key}"),))
+    matches = [_literal_match("path", how, http[key], f"{field}.{key}")
                for key, how in _PATH_MATCHES if http.get(key)]
     methods = _list(http.get("Methods"), f"{field}.Methods")
     for i, method in enumerate(methods):
@@ -1627,8 +1641,10 @@ def _named_match(raw, field: str, subject: str, kinds: tuple) -> Match:
     if len(found) != 1:
         raise MeshgenError(f"{field}: needs exactly one of Present, {', '.join(key for key, _ in kinds)}")
     key, how = found[0]
-    values = () if how == "present" else (_pattern(how, raw[key], f"{field}.{key}"),)
-    return Match(subject, how, values, header=name, invert=subject == "header" and raw.get("Invert") is True)
+    invert = subject == "header" and raw.get("Invert") is True
+    if how == "present":
+        return Match(subject, how, (), header=name, invert=invert)
+    return _literal_match(subject, how, raw[key], f"{field}.{key}", header=name, invert=invert)
 
 
 def parse_intention(entry, field: str) -> Intention:

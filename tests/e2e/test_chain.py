@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import (EchoServer, HAProxy, Identity, agent_env, free_port, meshgen_run, register_sidecar, run_meshgen,
+from harness import (DoubleAgent, EchoServer, HAProxy, Identity, agent_env, free_port, meshgen_run, register_sidecar, run_meshgen,
                      wait_listening)
 from real_consul import RealAgent
 
@@ -253,6 +253,48 @@ def test_routes_send_by_path_header_and_query_and_rewrite_the_prefix(mesh_on_eac
     assert mesh.landed("/?version=2") == "api-v2"
     assert mesh.landed("/?version=20") == "api-v1"
     assert {mesh.landed("/") for _ in range(50)} == {"api-v1"}
+
+
+@pytest.fixture
+def double_mesh_on_each_haproxy(haproxy, tmp_path):
+    """For HAProxy's reading of route values: every version, on the double alone, since the
+    agent only passes the values through."""
+    double = DoubleAgent().start()
+    double.suffix = ""
+    built = ChainMesh(double, haproxy, tmp_path)
+    yield built
+    built.close()
+    double.stop()
+
+
+def test_route_values_that_look_like_haproxy_syntax_route_exactly_their_requests(double_mesh_on_each_haproxy):
+    """Header and query values HAProxy's ACL parser would read as flags, as the end of an inline
+    ACL, or as two words, and a path prefix after "/" of the same kind: each sends exactly the
+    requests carrying it to v2."""
+    mesh = double_mesh_on_each_haproxy
+    api = mesh.api
+    mesh.http(api)
+    mesh.config({"Kind": "service-resolver", "Name": api, "DefaultSubset": "v1", "Subsets": {
+        "v1": {"Filter": "Service.Meta.version == v1"}, "v2": {"Filter": "Service.Meta.version == v2"}}})
+    to_v2 = {"Destination": {"ServiceSubset": "v2"}}
+    mesh.config({"Kind": "service-router", "Name": api, "Routes": [
+        *({"Match": {"HTTP": {"Header": [{"Name": "x-env", "Exact": value}]}}, **to_v2} for value in ("-i", "}", "a b")),
+        *({"Match": {"HTTP": {"QueryParam": [{"Name": "q", "Exact": value}]}}, **to_v2} for value in ("-i", "-beta", "}", "--")),
+        {"Match": {"HTTP": {"PathPrefix": "/-m"}}, **to_v2},
+        {"Match": {"HTTP": {"PathExact": "/}"}}, **to_v2},
+    ]})
+    mesh.instance(api, "api-v1", "v1")
+    mesh.instance(api, "api-v2", "v2")
+    mesh.render_until(lambda: mesh.landed("/", headers={"x-env": "-i"}) == "api-v2")
+    to = {("/", "-i"): "api-v2", ("/", "}"): "api-v2", ("/", "a b"): "api-v2", ("/", "-I"): "api-v1",
+          ("/", "a"): "api-v1", ("/", "}}"): "api-v1", ("/", None): "api-v1",
+          ("/?q=-i", None): "api-v2", ("/?q=-beta", None): "api-v2", ("/?q=}", None): "api-v2",
+          ("/?q=--", None): "api-v2", ("/?q=-", None): "api-v1", ("/?q=i", None): "api-v1",
+          ("/?q=-betax", None): "api-v1", ("/-m/x", None): "api-v2", ("/m", None): "api-v1",
+          ("/}", None): "api-v2", ("/}x", None): "api-v1"}
+    landed = {(path, env): mesh.landed(path, headers={"x-env": env} if env is not None else None)
+              for path, env in to}
+    assert landed == to
 
 
 def test_a_subset_filter_keeps_other_versions_out(mesh):
