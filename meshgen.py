@@ -218,7 +218,8 @@ class Query(NamedTuple):
 
     def ask(self, client: "ConsulClient", extra: dict | None = None) -> "Reply":
         return client.request(self.method, self.path, dict(self.params, **(extra or {})),
-                              json.loads(self.body) if self.body else None)
+                              json.loads(self.body) if self.body else None,
+                              absent_ok=self.path.startswith(CONFIG_PATH))
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,10 @@ class ConsulClient:
     def get(self, path: str, params: dict | None = None) -> Reply:
         return self.request("GET", path, params)
 
-    def request(self, method: str, path: str, params: dict | None = None, body: dict | None = None) -> Reply:
+    def request(self, method: str, path: str, params: dict | None = None, body: dict | None = None,
+                absent_ok: bool = False) -> Reply:
+        """The decoded answer; with `absent_ok`, a 404 is an answer too: data None, and the index
+        Consul gives it, which a blocking query can wait on."""
         where = f"{method} {path}"
         url = self.prefix + path + ("?" + urlencode(params) if params else "")
         try:
@@ -275,6 +279,10 @@ class ConsulClient:
             raise MeshgenError(f"{where}: cannot reach the Consul agent at "
                                f"{self.settings.unix_socket or self.settings.base_url} "
                                f"({_one_line(type(err).__name__)})") from None
+        index = response.headers.get("X-Consul-Index")
+        index = int(index) if index and index.isdigit() else None
+        if response.status == 404 and absent_ok:
+            return Reply(None, index)
         if response.status != 200:
             error = AgentUnavailable if response.status >= 500 else MeshgenError
             raise error(f"{where}: {_status_message(response.status, response.data.decode('utf-8', 'replace'))}")
@@ -282,9 +290,7 @@ class ConsulClient:
             data = json.loads(response.data)
         except ValueError as err:
             raise MeshgenError(f"{where}: malformed JSON from the Consul agent ({_one_line(str(err))})") from None
-        index = response.headers.get("X-Consul-Index")
-        return Reply(data, int(index) if index and index.isdigit() else None,
-                     response.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true")
+        return Reply(data, index, response.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true")
 
 
 def _status_message(status: int, body: str) -> str:
@@ -337,7 +343,8 @@ class AgentData:
     leaf: Reply
     intentions: Reply | AgentUnavailable   # of this service, highest precedence first; or why not
     chains: dict      # UpstreamKey -> Chain, for upstreams that follow one
-    answers: dict     # Query -> Reply: each chain's, each target's instances, each prepared query's
+    answers: dict     # Query -> Reply: each chain's, each target's instances, each prepared query's,
+                      # the mesh entry's (MESH_QUERY; data None where there is none)
 
 
 def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstream, ...],
@@ -351,6 +358,7 @@ def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstre
         leaf = pool.submit(client.get, f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}")
         intentions = pool.submit(fetch_intentions, client, service)
         chained = {u: chain_query(u) for u in upstreams if u.follows_chain}
+        mesh = pool.submit(fetch_mesh_entry, client, MESH_QUERY)
         firsts = {q: pool.submit(fetch_chain, client, q) for q in chained.values()}
         firsts |= {q: pool.submit(fetch_instances, client, q)
                    for q in [direct_query(u) for u in upstreams if not u.follows_chain]}
@@ -359,6 +367,7 @@ def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstre
         targets = sorted({t.query for chain in chains.values() for t in chain.targets})
         seconds = {q: pool.submit(fetch_instances, client, q) for q in targets}
         answers.update((q, future.result()) for q, future in seconds.items())
+        answers.update([mesh.result()])
         return AgentData(roots.result(), leaf.result(), intentions.result(), chains, answers)
 
 
@@ -396,6 +405,26 @@ def fetch_default_decision(client: ConsulClient, service: str, caller_uri: str) 
         raise MeshgenError(f"POST {path}: expected a JSON object with a boolean Authorized")
     reason = data.get("Reason")
     return data["Authorized"], reason if isinstance(reason, str) else ""
+
+
+CONFIG_PATH = "/v1/config/"
+# The mesh-wide config entry (Consul 1.10+): request normalization and TLS versions.
+MESH_QUERY = Query("GET", CONFIG_PATH + "mesh/mesh", ())
+
+
+def fetch_mesh_entry(client: ConsulClient, query: Query, extra: dict | None = None) -> tuple[Query, Reply]:
+    """The mesh entry, data None when there is none. A Consul older than the entry (1.8.7
+    answers 500 "invalid config entry kind: mesh") has none, ever: polled, not blocked on, since
+    such an agent answers at once."""
+    try:
+        reply = query.ask(client, extra)
+    except AgentUnavailable as err:
+        if "invalid config entry kind" not in str(err):
+            raise
+        return query._replace(blocks=False), Reply(None, None)
+    if reply.data is not None and not isinstance(reply.data, dict):
+        raise MeshgenError(f"GET {query.path}: expected a JSON object")
+    return query, reply
 
 
 CHAIN_PATH = "/v1/discovery-chain/"
@@ -567,7 +596,9 @@ def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, pol
     polled = []
     for text, marker in sorted(state.queries.items()):
         query = Query.parse(text)
-        fetch = fetch_chain if query.path.startswith(CHAIN_PATH) else fetch_instances
+        fetch = fetch_chain if query.path.startswith(CHAIN_PATH) else (
+            (lambda client, query, extra=None: fetch_mesh_entry(client, query, extra)[1])
+            if query.path.startswith(CONFIG_PATH) else fetch_instances)
         if not query.blocks or len(watches) >= max_blocking:
             polled.append((query, fetch, marker))
         else:
@@ -873,6 +904,8 @@ class Sidecar(_Speaks):
     stats_bind: str | None
     upstreams: tuple[Upstream, ...]
     expose_paths: tuple[ExposePath, ...]
+    # The mesh config entry's settings (defined below, with the entry): Consul's defaults until read.
+    mesh: "MeshEntry" = dataclasses.field(default_factory=lambda: MeshEntry())
 
     @property
     def app_response_timeout_ms(self) -> int:
@@ -1713,6 +1746,81 @@ def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_re
                       unmatched=agent_verdict if wildcard is None else "deny")
 
 
+# =========================================================================== mesh config entry
+#
+# The mesh entry's HTTP.Incoming.RequestNormalization (Consul 1.20.1+, CVE-2024-10005) says what
+# Consul has Envoy do to each request on the public listener before anything reads it: the L7
+# intentions decide on, and the app gets, the normalized request. With no entry, and on a Consul
+# older than the entry (1.8.7), Consul's defaults apply: the path normalized as RFC 3986 says,
+# nothing more. Consul leaves upstream listeners alone (Envoy's own default: no normalization),
+# and so does meshgen. docs/http.md gives the exact semantics.
+
+_ESCAPED_SLASHES = {"IMPLEMENTATION_SPECIFIC_DEFAULT": "keep", "KEEP_UNCHANGED": "keep", "REJECT_REQUEST": "reject",
+                    "UNESCAPE_AND_REDIRECT": "redirect", "UNESCAPE_AND_FORWARD": "forward"}
+_UNDERSCORES = {"ALLOW": "allow", "REJECT_REQUEST": "reject", "DROP_HEADER": "drop"}
+
+
+@dataclass(frozen=True)
+class RequestNormalization:
+    """What the public listener does to a request before its rules read it (HTTP only)."""
+    path: bool = True               # RFC 3986: unreserved characters decoded, dot segments removed
+    merge_slashes: bool = False
+    escaped_slashes: str = "keep"   # %2F and %5C: keep, reject (400), redirect (307) or forward unescaped
+    underscores: str = "allow"      # a header whose name has "_": allow, reject (400) or drop
+
+    @property
+    def changes_requests(self) -> bool:
+        return self != RequestNormalization(path=False)
+
+
+@dataclass(frozen=True)
+class MeshEntry:
+    normalization: RequestNormalization = RequestNormalization()
+
+
+def _object(value, field: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MeshgenError(f"{field}: not an object")
+    return value
+
+
+def _bool(value, field: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise MeshgenError(f"{field}: {value!r} is not true or false")
+    return value
+
+
+def _enum(value, choices: dict, field: str) -> str:
+    if value in (None, ""):
+        return next(iter(choices.values()))
+    if value not in choices:
+        raise MeshgenError(f"{field}: {_safe_reason(str(value))!r} is not one of {', '.join(choices)}")
+    return choices[value]
+
+
+def parse_mesh_entry(data: dict | None) -> MeshEntry:
+    """The mesh entry as GET /v1/config/mesh/mesh returns it, or None when there is none."""
+    field = "mesh entry HTTP.Incoming.RequestNormalization"
+    http = _object(_object(data, "mesh entry").get("HTTP"), "mesh entry HTTP")
+    raw = _object(_object(http.get("Incoming"), "mesh entry HTTP.Incoming").get("RequestNormalization"), field)
+    return MeshEntry(RequestNormalization(
+        path=not _bool(raw.get("InsecureDisablePathNormalization"), f"{field}.InsecureDisablePathNormalization"),
+        merge_slashes=_bool(raw.get("MergeSlashes"), f"{field}.MergeSlashes"),
+        escaped_slashes=_enum(raw.get("PathWithEscapedSlashesAction"), _ESCAPED_SLASHES,
+                              f"{field}.PathWithEscapedSlashesAction"),
+        underscores=_enum(raw.get("HeadersWithUnderscoresAction"), _UNDERSCORES,
+                          f"{field}.HeadersWithUnderscoresAction")))
+
+
+def with_mesh(sidecar: Sidecar, answers: dict) -> Sidecar:
+    reply = next(reply for query, reply in answers.items() if query.path == MESH_QUERY.path)
+    return dataclasses.replace(sidecar, mesh=parse_mesh_entry(reply.data))
+
+
 # =========================================================================== render
 
 HERE = Path(__file__).resolve().parent
@@ -2485,7 +2593,7 @@ def _fetch_model(client: ConsulClient, proxy_id: str, previous: WatchState | Non
     sidecar = parse_registration(registration, proxy_id)
     data = fetch_agent_data(client, sidecar.service, sidecar.upstreams)
     certs = check_certificates(data.roots.data, data.leaf.data, sidecar.service, dt.datetime.now(dt.timezone.utc))
-    sidecar = with_chains(sidecar, data.chains, data.answers)
+    sidecar = with_mesh(with_chains(sidecar, data.chains, data.answers), data.answers)
     notes = tuple(f"upstream {key.name}: {text}" for key, chain in sorted(data.chains.items()) for text in chain.unapplied)
     try:
         if isinstance(data.intentions, AgentUnavailable):

@@ -971,7 +971,23 @@ class ConsulDouble:
     # from them (section 12): resolvers (subsets, default subset, redirect, failover, connect
     # timeout), splitters and routers, for one datacenter and the default namespace.
 
+    # The mesh entry's RequestNormalization enums, as Consul 1.22 validates them on write.
+    _MESH_ENUMS = {"PathWithEscapedSlashesAction": ("", "IMPLEMENTATION_SPECIFIC_DEFAULT", "KEEP_UNCHANGED",
+                                                    "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT", "UNESCAPE_AND_FORWARD"),
+                   "HeadersWithUnderscoresAction": ("", "ALLOW", "REJECT_REQUEST", "DROP_HEADER")}
+
+    def _check_mesh(self, entry: dict) -> None:
+        """Consul 1.22's MeshConfigEntry.Validate for what the double models (one entry, named mesh)."""
+        normalization = ((entry.get("HTTP") or {}).get("Incoming") or {}).get("RequestNormalization") or {}
+        for key, allowed in self._MESH_ENUMS.items():
+            if normalization.get(key, "") not in allowed:
+                raise HTTPError(500, "error in HTTP incoming request normalization configuration: "
+                                     f"no matching {key} value found for {normalization[key]}")
+
     def set_config(self, entry: dict) -> None:
+        if entry["Kind"] == "mesh":
+            self._check_mesh(entry)
+            entry = dict(entry, Name="mesh")      # there is one; Consul names it so
         kind, name = entry["Kind"], entry["Name"]
         if kind in ("service-splitter", "service-router") and self._protocol(name) == "tcp":
             raise HTTPError(500, f'discovery chain "{name}" uses a protocol "tcp" that does not permit '
@@ -990,7 +1006,7 @@ class ConsulDouble:
     def _config_put_ep(self, _, query, secret, body):
         self._require(self._token(secret), "", "write")
         entry = json.loads(body or b"{}")
-        if not entry.get("Kind") or not entry.get("Name"):
+        if not entry.get("Kind") or not entry.get("Name") and entry.get("Kind") != "mesh":
             raise HTTPError(400, "Request decoding failed: Kind and Name are required")
         self.set_config(entry)
         return 200, True, {}
@@ -1001,8 +1017,9 @@ class ConsulDouble:
             self._require(self._token(secret), "", "write")
             self.delete_config(kind, name)
             return 200, True, {}
+        self._block(lambda: self.config_index, query)     # a blocking query, present or not
         if (kind, name) not in self.config_entries:
-            raise HTTPError(404, f"Config entry not found for {kind!r} / {name!r}")
+            raise HTTPError(404, f"Config entry not found for {kind!r} / {name!r}", _meta(self.config_index))
         return 200, self.config_entries[kind, name], _meta(self.config_index)
 
     def _protocol(self, service: str) -> str:

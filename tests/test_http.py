@@ -1,0 +1,226 @@
+"""HTTP on the public listener as Consul configures Envoy today, proven by traffic through a real
+HAProxy (each supported version) with the double as a Consul 1.22 agent: request normalization
+by the mesh entry (CVE-2024-10005), decided before the L7 intentions and seen by the app."""
+from __future__ import annotations
+
+import http.client
+import json
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from harness import HAProxy, Identity, _LocalServer, free_port, meshgen_run, register_sidecar
+
+
+class RequestEchoApp(_LocalServer, ThreadingHTTPServer):
+    """The local app: 200 and, as JSON, the path and the headers it was given."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                # The request line's target: self.path has "//" collapsed by http.server.
+                body = json.dumps({"path": self.requestline.split(" ")[1], "headers": [[k.lower(), v] for k, v in self.headers.items()]})
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+        self._serve(Handler)
+
+
+@dataclass
+class Answer:
+    status: int | None
+    path: str | None = None              # as the app got it; None when the request did not reach it
+    headers: list | None = None
+    location: str | None = None
+
+
+@dataclass
+class HttpSidecar:
+    agent: object                        # the double, or a real agent
+    haproxy_binary: str
+    proxy_id: str
+    port: int
+    out: Path
+    ids: Path
+    haproxy: HAProxy
+
+    def identity(self, service: str) -> Identity:
+        return Identity.from_agent(self.agent, self.ids, service)
+
+    def apply(self) -> None:
+        """Renders what the double now says; a reload where meshgen asks for one."""
+        result = meshgen_run(self.agent, self.proxy_id, self.out, self.haproxy_binary,
+                             runtime_socket=self.out / "admin.sock")
+        assert result.exit_code in (0, 3), result
+        if result.exit_code == 3:
+            self.haproxy.reload()
+
+    def ask(self, connection: http.client.HTTPSConnection, path: str, headers: dict | None = None,
+            method: str = "GET") -> Answer:
+        """One request on a kept-alive connection: the status and what the app was given."""
+        try:
+            connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+            connection.putheader("Host", "web")
+            for name, value in (headers or {}).items():
+                connection.putheader(name, value)
+            connection.endheaders()
+            response = connection.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            return Answer(None)
+        if response.getheader("Connection", "").lower() == "close":
+            connection.close()
+        if response.status != 200:
+            return Answer(response.status, location=response.getheader("Location"))
+        seen = json.loads(body)
+        return Answer(200, seen["path"], seen["headers"])
+
+    def connection(self, caller: str = "api") -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.identity(caller).context(),
+                                           timeout=5)
+
+
+@pytest.fixture
+def http_sidecar(double, haproxy, tmp_path):
+    """`web` (protocol http) in front of RequestEchoApp, under a reloadable HAProxy."""
+    app = RequestEchoApp()
+    port = free_port()
+    proxy_id = register_sidecar(double, "web", port, app.port, {"protocol": "http"})
+    out = tmp_path / "out"
+    assert meshgen_run(double, proxy_id, out, haproxy).exit_code == 3
+    process = HAProxy(haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=port,
+                      master_socket=tmp_path / "master.sock")
+    yield HttpSidecar(double, haproxy, proxy_id, port, out, tmp_path / "ids", process)
+    process.stop()
+    app.close()
+
+
+def mesh_entry(**normalization) -> dict:
+    return {"Kind": "mesh", "HTTP": {"Incoming": {"RequestNormalization": normalization}}}
+
+
+# deny PathPrefix /admin, allow PathPrefix /: the measured bypasses of issue 21.
+ADMIN_DENIED = [{"Action": "deny", "HTTP": {"PathPrefix": "/admin"}},
+                {"Action": "deny", "HTTP": {"Header": [{"Name": "x_debug", "Present": True}]}},
+                {"Action": "allow", "HTTP": {"PathPrefix": "/"}}]
+
+
+def test_request_normalization_as_the_mesh_entry_says_decides_before_intentions(double, http_sidecar):
+    """Consul's defaults (no mesh entry): the path is normalized as RFC 3986 says (Envoy's
+    normalize_path, on by default since Consul 1.20.1), slashes are not merged, %2F is kept,
+    underscores allowed. Then each mesh entry setting, as Envoy applies it. What the intention
+    decides and what the app gets is the normalized request."""
+    sidecar = http_sidecar
+    double.set_intention("api", "web", "allow", permissions=ADMIN_DENIED)
+    sidecar.apply()
+    connection = sidecar.connection()
+
+    def outcome(path: str, headers: dict | None = None):
+        answer = sidecar.ask(connection, path, headers)
+        return (answer.status, answer.path or answer.location)
+
+    defaults = {path: outcome(path) for path in (
+        "/./admin", "/%61dmin", "/public/../admin", "/a/%2e%2E/admin", "/../../admin", "/x\\..\\admin",
+        "//admin", "/public/./x?q=/../admin", "/%41%3a", "/a%2Fb", "/a%2f..%2fadmin", "/%00")}
+    assert defaults == {
+        "/./admin": (403, None), "/%61dmin": (403, None), "/public/../admin": (403, None),
+        "/a/%2e%2E/admin": (403, None), "/../../admin": (403, None), "/x\\..\\admin": (403, None),
+        "//admin": (200, "//admin"),                                # MergeSlashes is off by default
+        "/public/./x?q=/../admin": (200, "/public/x?q=/../admin"),  # the query is not the path
+        "/%41%3a": (200, "/A%3a"),                                  # unreserved decoded, the rest kept
+        "/a%2Fb": (200, "/a%2Fb"), "/a%2f..%2fadmin": (200, "/a%2f..%2fadmin"),   # KEEP_UNCHANGED
+        "/%00": (400, None),                                        # an escaped NUL is invalid
+    }
+    assert outcome("/x", {"x_debug": "1"})[0] == 403                # underscores: ALLOW
+
+    double.set_config(mesh_entry(MergeSlashes=True, PathWithEscapedSlashesAction="REJECT_REQUEST",
+                                 HeadersWithUnderscoresAction="DROP_HEADER"))
+    sidecar.apply()
+    connection = sidecar.connection()
+    assert outcome("//admin") == (403, None)
+    assert outcome("/a//b///c") == (200, "/a/b/c")
+    assert outcome("/a%2Fb") == (400, None)
+    assert outcome("/a%5cb") == (400, None)
+    answer = sidecar.ask(connection, "/x", {"x_debug": "1", "x-keep": "1"})
+    assert answer.status == 200 and ["x-keep", "1"] in answer.headers and \
+        not any(name == "x_debug" for name, _ in answer.headers)
+
+    double.set_config(mesh_entry(PathWithEscapedSlashesAction="UNESCAPE_AND_FORWARD",
+                                 HeadersWithUnderscoresAction="REJECT_REQUEST"))
+    sidecar.apply()
+    connection = sidecar.connection()
+    assert outcome("/a%2f..%2fadmin") == (403, None)
+    assert outcome("/a%2Fb%5Cc") == (200, "/a/b/c")                 # "\" is "/" once unescaped
+    assert outcome("/x", {"x_debug": "1"}) == (400, None)
+    connection = sidecar.connection()
+
+    double.set_config(mesh_entry(PathWithEscapedSlashesAction="UNESCAPE_AND_REDIRECT"))
+    sidecar.apply()
+    connection = sidecar.connection()
+    assert outcome("/a%2f..%2fadmin?q=1") == (307, "/admin?q=1")
+    assert outcome("/a%2Fb") == (307, "/a/b")
+    assert outcome("/a/b") == (200, "/a/b")
+
+    double.set_config(mesh_entry(InsecureDisablePathNormalization=True))
+    sidecar.apply()
+    connection = sidecar.connection()
+    assert outcome("/./admin") == (200, "/./admin")                 # as Consul warns: a bypass again
+    assert outcome("/%61dmin") == (200, "/%61dmin")
+    assert outcome("/admin") == (403, None)
+
+    double.delete_config("mesh", "mesh")
+    sidecar.apply()
+    connection = sidecar.connection()
+    assert outcome("/./admin") == (403, None)
+
+
+def test_without_a_mesh_entry_consuls_defaults_normalize_the_path(agent, any_haproxy, tmp_path):
+    """Consul 1.22 (the double) with no mesh entry answers 404, and Consul 1.8.7 has no such
+    entry at all ("invalid config entry kind: mesh"): either way Consul's defaults apply, and the
+    app gets the path normalized, slashes not merged."""
+    from real_consul import RealAgent
+    web = "web" + agent.suffix
+    app, port = RequestEchoApp(), free_port()
+    proxy_id = register_sidecar(agent, web, port, app.port, {"protocol": "http"})
+    out = tmp_path / "out"
+    process = None
+    try:
+        assert meshgen_run(agent, proxy_id, out, any_haproxy).exit_code == 3
+        process = HAProxy(any_haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=port)
+        sidecar = HttpSidecar(agent, any_haproxy, proxy_id, port, out, tmp_path / "ids", process)
+        connection = sidecar.connection("api" + agent.suffix)
+        assert [sidecar.ask(connection, path).path for path in ("/a/./b/../c", "/%7Euser//x/..", "/a%2Fb")] == [
+            "/a/c", "/~user//", "/a%2Fb"]
+    finally:
+        if process:
+            process.stop()
+        app.close()
+        if isinstance(agent, RealAgent):
+            agent.deregister(web)
+
+
+def test_a_mesh_entry_written_wakes_a_waiting_render(double, any_haproxy, tmp_path):
+    """The mesh entry is one of the answers --wait blocks on: written while meshgen waits, it
+    is rendered at once, not at the end of the wait."""
+    import threading
+    import time
+    proxy_id = register_sidecar(double, "web", free_port(), free_port(), {"protocol": "http"})
+    out = tmp_path / "out"
+    assert meshgen_run(double, proxy_id, out, any_haproxy).exit_code == 3
+    timer = threading.Timer(1.0, double.set_config, [mesh_entry(MergeSlashes=True)])
+    timer.start()
+    started = time.monotonic()
+    result = meshgen_run(double, proxy_id, out, any_haproxy, wait=20)
+    timer.join()
+    assert not result.waited_out and result.exit_code == 3 and time.monotonic() - started < 10
+    assert "lua.meshgen_normalize 1 1 keep allow" in (out / "haproxy.cfg").read_text()
