@@ -1491,6 +1491,9 @@ def _issued_by(cert, issuer) -> bool:
         return False
 
 
+_SPIFFE_ID = re.compile(r"spiffe://[A-Za-z0-9.-]{1,253}(/[A-Za-z0-9._-]{1,128}){1,10}")
+
+
 def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -1501,6 +1504,8 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
         raise MeshgenError(f"leaf certificate: has {len(uris)} URI SANs, want exactly one SPIFFE ID")
+    if not _SPIFFE_ID.fullmatch(uris[0]):     # haproxy.cfg prints it (X-Forwarded-Client-Cert's By)
+        raise MeshgenError(f"leaf certificate: SPIFFE ID {_safe_reason(uris[0])!r} has characters no Consul name has")
     parts = urlsplit(uris[0])
     match = re.fullmatch(r"(?:/ap/[^/]+)?/ns/[^/]+/dc/[^/]+/svc/([^/]+)", parts.path)
     if parts.scheme != "spiffe" or not match or match.group(1) != service:
@@ -1882,7 +1887,7 @@ def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, intenti
         loader=jinja2.FileSystemLoader(str(resource("templates/haproxy.cfg.j2").parent)),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
         lstrip_blocks=True, autoescape=False, bytecode_cache=_compiled_templates())
-    values = dict(sidecar=sidecar, trust_domain=certs.trust_domain, intentions=intentions,
+    values = dict(sidecar=sidecar, trust_domain=certs.trust_domain, spiffe_id=certs.spiffe_id, intentions=intentions,
                   bundle=str(bundle_dir), admin_socket=str(admin_socket), intentions_map=INTENTIONS_MAP,
                   callers_map=CALLERS_MAP)
     files = {name: environment.get_template(f"{name}.j2").render(**values).encode() for name in TEMPLATES}

@@ -3,8 +3,10 @@ HAProxy (each supported version) with the double as a Consul 1.22 agent: request
 by the mesh entry (CVE-2024-10005), decided before the L7 intentions and seen by the app."""
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
+import ssl
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -90,8 +92,7 @@ class HttpSidecar:
                                            timeout=5)
 
 
-@pytest.fixture
-def http_sidecar(double, haproxy, tmp_path):
+def _http_sidecar(double, haproxy: str, tmp_path: Path):
     """`web` (protocol http) in front of RequestEchoApp, under a reloadable HAProxy."""
     app = RequestEchoApp()
     port = free_port()
@@ -103,6 +104,17 @@ def http_sidecar(double, haproxy, tmp_path):
     yield HttpSidecar(double, haproxy, proxy_id, port, out, tmp_path / "ids", process)
     process.stop()
     app.close()
+
+
+@pytest.fixture
+def http_sidecar(double, haproxy, tmp_path):
+    """For what HAProxy's own processing decides: on every version."""
+    yield from _http_sidecar(double, haproxy, tmp_path)
+
+
+@pytest.fixture
+def one_http_sidecar(double, any_haproxy, tmp_path):
+    yield from _http_sidecar(double, any_haproxy, tmp_path)
 
 
 def mesh_entry(**normalization) -> dict:
@@ -224,3 +236,19 @@ def test_a_mesh_entry_written_wakes_a_waiting_render(double, any_haproxy, tmp_pa
     timer.join()
     assert not result.waited_out and result.exit_code == 3 and time.monotonic() - started < 10
     assert "lua.meshgen_normalize 1 1 keep allow" in (out / "haproxy.cfg").read_text()
+
+
+def test_a_forged_client_cert_header_never_reaches_the_app(double, one_http_sidecar):
+    """Consul's Envoy sanitizes X-Forwarded-Client-Cert (hashicorp/consul#23544): whatever the
+    caller sends, the app gets one, naming the caller whose certificate HAProxy verified."""
+    sidecar = one_http_sidecar
+    double.set_intention("api", "web", "allow")
+    sidecar.apply()
+    connection = sidecar.connection("api")
+    forged = {"X-Forwarded-Client-Cert": f"By=x;URI={double.service_uri('admin')}",
+              "x-forwarded-client-cert": f"URI={double.service_uri('admin')}"}
+    seen = [sidecar.ask(connection, "/", headers) for headers in (forged, {})]
+    der = ssl.PEM_cert_to_DER_cert(sidecar.identity("api").cert.read_text())
+    expected = [["x-forwarded-client-cert", f"By={double.service_uri('web')};"
+                 f"Hash={hashlib.sha256(der).hexdigest()};URI={double.service_uri('api')}"]]
+    assert [[h for h in answer.headers if h[0] == "x-forwarded-client-cert"] for answer in seen] == [expected] * 2
