@@ -1270,7 +1270,7 @@ def parse_route(raw, field: str, label: str, splits) -> ChainRoute:
     http = match.get("HTTP") or {} if isinstance(match, dict) else None
     if not isinstance(http, dict):
         raise MeshgenError(f"{field}.Definition.Match: not an object with an HTTP object")
-    matches = http_matches(http, f"{field}.Definition.Match.HTTP", query_params=True)
+    matches = http_matches(http, f"{field}.Definition.Match.HTTP", route=True)
     if matches == (Match("path", "prefix", ("/",)),):
         matches = ()        # Consul's catch-all
     destination = definition.get("Destination") or {}
@@ -1284,8 +1284,8 @@ def parse_route(raw, field: str, label: str, splits) -> ChainRoute:
         path = next((m for m in matches if m.subject == "path" and m.how in ("prefix", "exact")), None)
         if path is None:
             raise MeshgenError(f"{dfield}.PrefixRewrite: needs a PathPrefix or PathExact match")
-        literal = re.escape(path.values[0])
-        rewrite = (f"^{literal}(.*)", rewrite + "\\1") if path.how == "prefix" else (f"^{literal}$", rewrite)
+        literal = ("(?i)" if path.ignore_case else "") + "^" + re.escape(path.values[0])
+        rewrite = (f"{literal}(.*)", rewrite + "\\1") if path.how == "prefix" else (f"{literal}$", rewrite)
     timeout = destination.get("RequestTimeout")
     return ChainRoute(matches, tuple(splits(raw.get("NextNode"))), rewrite,
                       check_duration_ms(timeout, f"{dfield}.RequestTimeout") or None if timeout else None,
@@ -1541,16 +1541,20 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _METHOD = re.compile(r"[A-Z]{1,16}")
 _PATH_MATCHES = (("PathExact", "exact"), ("PathPrefix", "prefix"), ("PathRegex", "regex"))
 _HEADER_MATCHES = (("Exact", "exact"), ("Prefix", "prefix"), ("Suffix", "suffix"), ("Regex", "regex"))
+# An intention's header condition may also look for a part of the value, and ignore case
+# (Consul 1.20.1+, CVE-2024-10006); a route's may not.
+_PERMISSION_HEADER_MATCHES = _HEADER_MATCHES + (("Contains", "contains"),)
 
 
 @dataclass(frozen=True)
 class Match:
     """One condition of an HTTP permission or route, finished for haproxy.cfg to print."""
     subject: str                 # path, method, header or query (a query parameter)
-    how: str                     # exact, prefix, suffix, regex, present; any (of the methods)
+    how: str                     # exact, prefix, suffix, contains, regex, present; any (of the methods)
     values: tuple[str, ...]      # printable ASCII without "'"; a regex is anchored, as Envoy's
     header: str = ""             # the header's or query parameter's name
     invert: bool = False
+    ignore_case: bool = False    # ASCII letters in either case, as Envoy's ignore_case
 
 
 @dataclass(frozen=True)
@@ -1605,7 +1609,7 @@ def _quotable(value, field: str) -> str:
 
 # HAProxy ends an inline ACL at any word "}", quoted or not; every other value is safe after
 # "--", which ends the ACL's flags (a leading "-" would be read as one).
-_ACL_END_AS_REGEX = {"exact": "^[}]$", "prefix": "^[}]", "suffix": "[}]$"}
+_ACL_END_AS_REGEX = {"exact": "^[}]$", "prefix": "^[}]", "suffix": "[}]$", "contains": "[}]"}
 
 
 def _literal_match(subject: str, how: str, value, field: str, **options) -> Match:
@@ -1631,16 +1635,21 @@ def _pattern(how: str, value, field: str) -> str:
 def parse_permission(raw, field: str) -> tuple[str, tuple[Match, ...]]:
     if not isinstance(raw, dict) or raw.get("Action") not in ("allow", "deny"):
         raise MeshgenError(f"{field}.Action: must be allow or deny")
+    if raw.get("JWT"):
+        # Envoy lets such a permission match only with a valid token; HAProxy cannot check one.
+        raise MeshgenError(f"{field}.JWT: meshgen cannot verify JSON Web Tokens")
     http = raw.get("HTTP") or {}
     if not isinstance(http, dict):
         raise MeshgenError(f"{field}.HTTP: not an object")
     return raw["Action"], http_matches(http, f"{field}.HTTP")
 
 
-def http_matches(http: dict, field: str, query_params: bool = False) -> tuple[Match, ...]:
-    """The conditions of an intention's permission or a router's route (which may also match
-    query parameters): path, methods, headers."""
-    matches = [_literal_match("path", how, http[key], f"{field}.{key}")
+def http_matches(http: dict, field: str, route: bool = False) -> tuple[Match, ...]:
+    """The conditions of an intention's permission or a router's route: path, methods, headers;
+    a route may also match query parameters, and paths regardless of case (but for a regex, as
+    Envoy's case_sensitive, which Consul sets from CaseInsensitive)."""
+    path_ignore_case = route and _bool(http.get("CaseInsensitive"), f"{field}.CaseInsensitive")
+    matches = [_literal_match("path", how, http[key], f"{field}.{key}", ignore_case=path_ignore_case and how != "regex")
                for key, how in _PATH_MATCHES if http.get(key)]
     methods = _list(http.get("Methods"), f"{field}.Methods")
     for i, method in enumerate(methods):
@@ -1648,9 +1657,9 @@ def http_matches(http: dict, field: str, query_params: bool = False) -> tuple[Ma
             raise MeshgenError(f"{field}.Methods[{i}]: {method!r} is not an HTTP method")
     if methods:
         matches.append(Match("method", "any", tuple(methods)))
-    matches += [_header_match(header, f"{field}.Header[{i}]")
+    matches += [_header_match(header, f"{field}.Header[{i}]", route)
                 for i, header in enumerate(_list(http.get("Header"), f"{field}.Header"))]
-    if query_params:
+    if route:
         matches += [_query_match(param, f"{field}.QueryParam[{i}]")
                     for i, param in enumerate(_list(http.get("QueryParam"), f"{field}.QueryParam"))]
     elif http.get("QueryParam"):
@@ -1662,11 +1671,15 @@ def _query_match(raw, field: str) -> Match:
     return _named_match(raw, field, "query", _QUERY_MATCHES)
 
 
-def _header_match(raw, field: str) -> Match:
-    return _named_match(raw, field, "header", _HEADER_MATCHES)
+def _header_match(raw, field: str, route: bool) -> Match:
+    if route:
+        return _named_match(raw, field, "header", _HEADER_MATCHES)
+    # Envoy ignores ignore_case for a regex, and it means nothing for Present.
+    ignore_case = isinstance(raw, dict) and _bool(raw.get("IgnoreCase"), f"{field}.IgnoreCase")
+    return _named_match(raw, field, "header", _PERMISSION_HEADER_MATCHES, ignore_case)
 
 
-def _named_match(raw, field: str, subject: str, kinds: tuple) -> Match:
+def _named_match(raw, field: str, subject: str, kinds: tuple, ignore_case: bool = False) -> Match:
     """A header's or query parameter's condition: its name, and exactly one way to match it."""
     if not isinstance(raw, dict):
         raise MeshgenError(f"{field}: not an object")
@@ -1682,7 +1695,8 @@ def _named_match(raw, field: str, subject: str, kinds: tuple) -> Match:
     invert = subject == "header" and raw.get("Invert") is True
     if how == "present":
         return Match(subject, how, (), header=name, invert=invert)
-    return _literal_match(subject, how, raw[key], f"{field}.{key}", header=name, invert=invert)
+    return _literal_match(subject, how, raw[key], f"{field}.{key}", header=name, invert=invert,
+                          ignore_case=ignore_case and how != "regex")
 
 
 def parse_intention(entry, field: str) -> Intention:

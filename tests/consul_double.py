@@ -557,9 +557,27 @@ class ConsulDouble:
         one, which has Permissions and no Action (1.9+)."""
         if l7 and permissions is None:
             permissions = [{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]
+        self._check_permissions(permissions or [])
         with self.lock:
             self._set_intentions([i for i in self.intentions if (i[0], i[1]) != (source, destination)]
                                  + [(source, destination, action, permissions)])
+
+    _HEADER_KINDS = ("Present", "Exact", "Prefix", "Suffix", "Contains", "Regex")   # Contains: 1.20.1+
+
+    @classmethod
+    def _check_permissions(cls, permissions: list) -> None:
+        """Consul 1.22's validation of an L7 intention's HTTP permissions, for what they match on."""
+        for i, permission in enumerate(permissions):
+            http = permission.get("HTTP") or {}
+            if len([key for key in ("PathExact", "PathPrefix", "PathRegex") if http.get(key)]) > 1:
+                raise ValueError(f"Permissions[{i}].HTTP should only contain at most one of PathExact, PathPrefix, or PathRegex")
+            for key in ("PathExact", "PathPrefix"):
+                if http.get(key) and not http[key].startswith("/"):
+                    raise ValueError(f"Permissions[{i}].HTTP.{key} doesn't start with '/': {http[key]!r}")
+            for j, header in enumerate(http.get("Header") or []):
+                if len([kind for kind in cls._HEADER_KINDS if header.get(kind)]) != 1:
+                    raise ValueError(f"Permissions[{i}].HTTP.Header[{j}] should only contain one of "
+                                     + ", ".join(cls._HEADER_KINDS))
 
     def delete_intention(self, source: str, destination: str) -> None:
         with self.lock:

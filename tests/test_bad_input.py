@@ -91,6 +91,17 @@ FAULTS = {
     "leaf key mismatch": (lambda d: d.inject(LEAF, body=leaf_json(d, PrivateKeyPEM=other_key_pem())), "PrivateKeyPEM does not match"),
     "leaf of another service": (lambda d: d.inject(LEAF, body=leaf_json(d, "billing")), "is not one of service 'www'"),
     "leaf from another CA": (lambda d: d.inject(LEAF, body=foreign_leaf(d)), "trust domain"),
+    "mesh entry action unknown": (lambda d: d.inject("/v1/config/mesh/mesh", body=json.dumps(
+        {"Kind": "mesh", "HTTP": {"Incoming": {"RequestNormalization": {"PathWithEscapedSlashesAction": "DECODE"}}}})),
+        "mesh entry HTTP.Incoming.RequestNormalization.PathWithEscapedSlashesAction: 'DECODE' is not one of"),
+    "mesh entry flag mistyped": (lambda d: d.inject("/v1/config/mesh/mesh", body=json.dumps(
+        {"Kind": "mesh", "HTTP": {"Incoming": {"RequestNormalization": {"MergeSlashes": "yes"}}}})),
+        "mesh entry HTTP.Incoming.RequestNormalization.MergeSlashes: 'yes' is not true or false"),
+    "mesh entry not an object": (lambda d: d.inject("/v1/config/mesh/mesh", body="[]"),
+                                 "GET /v1/config/mesh/mesh: expected a JSON object"),
+    "permission needs a JWT": (lambda d: d.set_intention("web", "www", "allow", permissions=[
+        {"Action": "allow", "HTTP": {"PathPrefix": "/"}, "JWT": {"Providers": [{"Name": "okta"}]}}]),
+        "Permissions[0].JWT: meshgen cannot verify JSON Web Tokens"),
     "haproxy -c fails": (lambda d: d.update_service("www-sidecar-proxy", set_config(local_connect_timeout_ms=10**12)),
                          "haproxy -c rejected the rendered config"),
 }

@@ -252,3 +252,144 @@ def test_a_forged_client_cert_header_never_reaches_the_app(double, one_http_side
     expected = [["x-forwarded-client-cert", f"By={double.service_uri('web')};"
                  f"Hash={hashlib.sha256(der).hexdigest()};URI={double.service_uri('api')}"]]
     assert [[h for h in answer.headers if h[0] == "x-forwarded-client-cert"] for answer in seen] == [expected] * 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The corpus: one L7 intention api => web, Consul's defaults for normalization (no mesh entry),
+# and requests each decided as Consul 1.22's Envoy decides them. Where each expectation comes
+# from, by key:
+SOURCES = {
+    "dots": "Envoy HttpConnectionManager.normalize_path: RFC 3986 section 6 normalization (Chromium's "
+            "path canonicalizer): dot segments removed, %2E is a dot; on by default since Consul 1.20.1 "
+            "(mesh entry RequestNormalization.InsecureDisablePathNormalization: false)",
+    "root": "RFC 3986 section 5.2.4 remove_dot_segments: '..' never climbs above the root",
+    "unreserved": "RFC 3986 section 6.2.2.2: percent-encoded unreserved characters are decoded; others "
+                  "keep their escape (Envoy normalize_path)",
+    "nul": "Envoy normalize_path: a path the canonicalizer rejects (an escaped NUL) is answered 400",
+    "backslash": "Envoy normalize_path (Chromium's canonicalizer treats '\\' as '/')",
+    "slashes": "Consul mesh entry docs: MergeSlashes defaults to false (Envoy merge_slashes)",
+    "escaped": "Consul mesh entry docs: PathWithEscapedSlashesAction defaults to IMPLEMENTATION_SPECIFIC_DEFAULT, "
+               "which Envoy documents as KEEP_UNCHANGED: %2F and %5C are not separators",
+    "prefix": "Consul service-intentions docs: PathPrefix matches the beginning of the path, case-sensitively "
+              "(Envoy RBAC url_path prefix)",
+    "exact": "Consul service-intentions docs: PathExact matches the whole path (Envoy RBAC url_path exact)",
+    "query": "Envoy RBAC url_path: the query string is not part of the path",
+    "regex": "Consul service-intentions docs: PathRegex is RE2 and matches the whole path (Envoy safe_regex)",
+    "contains": "Consul service-intentions docs: Header.Contains matches a part of the value (Envoy "
+                "StringMatcher.contains, Consul 1.20.1+)",
+    "ignore_case": "Consul service-intentions docs: Header.IgnoreCase; Envoy StringMatcher.ignore_case "
+                   "compares ASCII letters in either case",
+    "case": "Envoy StringMatcher: without ignore_case a match is case-sensitive",
+    "header_name": "RFC 9110 section 5.1: field names are case-insensitive (Envoy lower-cases them)",
+    "ows": "RFC 9110 section 5.5: whitespace around a field value is not part of it",
+    "first": "Consul service-intentions docs: Permissions are evaluated in order, the first match decides",
+}
+
+CORPUS_PERMISSIONS = [
+    {"Action": "deny", "HTTP": {"PathPrefix": "/admin"}},                                             # 1
+    {"Action": "deny", "HTTP": {"PathExact": "/secret"}},                                             # 2
+    {"Action": "deny", "HTTP": {"Header": [{"Name": "x-env", "Contains": "prod", "IgnoreCase": True}]}},  # 3
+    {"Action": "deny", "HTTP": {"Header": [{"Name": "x-role", "Exact": "Admin", "IgnoreCase": True}]}},  # 4
+    {"Action": "deny", "HTTP": {"Header": [{"Name": "x-team", "Prefix": "ops-"}]}},                   # 5
+    {"Action": "deny", "HTTP": {"Header": [{"Name": "x-tag", "Suffix": "-Debug", "IgnoreCase": True}]}},  # 6
+    {"Action": "deny", "HTTP": {"Header": [{"Name": "x-flag", "Contains": "Beta"}]}},                 # 7
+    {"Action": "deny", "HTTP": {"PathRegex": "/api/v[0-9]+/internal/.*"}},                            # 8
+    {"Action": "allow", "HTTP": {"PathPrefix": "/"}},                                                 # 9
+]
+
+# (path, headers, status, the path the app gets (200 only; None: as sent), source key)
+CORPUS = [
+    ("/admin", {}, 403, None, "prefix"),
+    ("/admin/x", {}, 403, None, "prefix"),
+    ("/administrator", {}, 403, None, "prefix"),
+    ("/ADMIN", {}, 200, None, "case"),
+    ("/./admin", {}, 403, None, "dots"),
+    ("/%61dmin", {}, 403, None, "unreserved"),
+    ("/%61%64%6D%69%6e", {}, 403, None, "unreserved"),
+    ("/adm%69n/x", {}, 403, None, "unreserved"),
+    ("/%41dmin", {}, 200, "/Admin", "unreserved"),
+    ("/public/../admin", {}, 403, None, "dots"),
+    ("/a/b/../../admin", {}, 403, None, "dots"),
+    ("/../admin", {}, 403, None, "root"),
+    ("/../../../admin/x", {}, 403, None, "root"),
+    ("/%2e/admin", {}, 403, None, "dots"),
+    ("/%2E%2E/admin", {}, 403, None, "dots"),
+    ("/x/%2e%2e/admin", {}, 403, None, "dots"),
+    ("/x/.%2E/admin", {}, 403, None, "dots"),
+    ("/admin/..", {}, 200, "/", "dots"),
+    ("/admin/%2e%2e", {}, 200, "/", "dots"),
+    ("/public/./x", {}, 200, "/public/x", "dots"),
+    ("/public/.", {}, 200, "/public/", "dots"),
+    ("//admin", {}, 200, "//admin", "slashes"),
+    ("/x//admin", {}, 200, "/x//admin", "slashes"),
+    ("/x%2f..%2fadmin", {}, 200, "/x%2f..%2fadmin", "escaped"),
+    ("/x%2F..%2Fadmin", {}, 200, "/x%2F..%2Fadmin", "escaped"),
+    ("/%5cadmin", {}, 200, "/%5cadmin", "escaped"),
+    ("/admin%2fx", {}, 403, None, "prefix"),
+    ("/x\\..\\admin", {}, 403, None, "backslash"),
+    ("/admin\\x", {}, 403, None, "backslash"),
+    ("/%00", {}, 400, None, "nul"),
+    ("/%zz/admin", {}, 200, "/%zz/admin", "unreserved"),
+    ("/%7Euser/%3a", {}, 200, "/~user/%3a", "unreserved"),
+    ("/secret", {}, 403, None, "exact"),
+    ("/secret/", {}, 200, None, "exact"),
+    ("/secrets", {}, 200, None, "exact"),
+    ("/./secret", {}, 403, None, "dots"),
+    ("/secret/.", {}, 200, "/secret/", "dots"),
+    ("/x/../secret", {}, 403, None, "dots"),
+    ("/sec%72et", {}, 403, None, "unreserved"),
+    ("/secret?x=1", {}, 403, None, "query"),
+    ("/public?next=/admin", {}, 200, None, "query"),
+    ("/public?p=/./x", {}, 200, None, "query"),
+    ("/api/v1/internal/x", {}, 403, None, "regex"),
+    ("/api/v12/internal/", {}, 403, None, "regex"),
+    ("/api/v1/./internal/x", {}, 403, None, "dots"),
+    ("/api/V1/internal/x", {}, 200, None, "regex"),
+    ("/api/v1/internal", {}, 200, None, "regex"),
+    ("/v2/api/v1/internal/x", {}, 200, None, "regex"),
+    ("/x", {"x-env": "prod"}, 403, None, "contains"),
+    ("/x", {"x-env": "PRODUCTION"}, 403, None, "ignore_case"),
+    ("/x", {"x-env": "my-Prod-1"}, 403, None, "ignore_case"),
+    ("/x", {"X-ENV": "pRoD"}, 403, None, "header_name"),
+    ("/x", {"x-env": "pr od"}, 200, None, "contains"),
+    ("/x", {"x-env": "staging"}, 200, None, "contains"),
+    ("/x", {"x-role": "admin"}, 403, None, "ignore_case"),
+    ("/x", {"x-role": "ADMIN"}, 403, None, "ignore_case"),
+    ("/x", {"X-Role": "Admin"}, 403, None, "header_name"),
+    ("/x", {"x-role": "  admin  "}, 403, None, "ows"),
+    ("/x", {"x-role": "\tadmin"}, 403, None, "ows"),
+    ("/x", {"x-role": "admins"}, 200, None, "exact"),
+    ("/x", {"x-role": "ad min"}, 200, None, "exact"),
+    ("/x", {"x-team": "ops-1"}, 403, None, "prefix"),
+    ("/x", {"x-team": "OPS-1"}, 200, None, "case"),
+    ("/x", {"x-team": "ops"}, 200, None, "prefix"),
+    ("/x", {"x-team": "dev-ops-1"}, 200, None, "prefix"),
+    ("/x", {"x-tag": "build-debug"}, 403, None, "ignore_case"),
+    ("/x", {"x-tag": "BUILD-DEBUG"}, 403, None, "ignore_case"),
+    ("/x", {"x-tag": "-Debug"}, 403, None, "ignore_case"),
+    ("/x", {"x-tag": "debug"}, 200, None, "ignore_case"),
+    ("/x", {"x-tag": "build-debugx"}, 200, None, "ignore_case"),
+    ("/x", {"x-flag": "isBetaUser"}, 403, None, "contains"),
+    ("/x", {"x-flag": "Beta"}, 403, None, "contains"),
+    ("/x", {"x-flag": "isbetauser"}, 200, None, "case"),
+    ("/x", {"x-flag": "Bet"}, 200, None, "contains"),
+    ("/admin", {"x-role": "user"}, 403, None, "first"),
+    ("/x", {"x-env": "prod", "x-team": "dev"}, 403, None, "first"),
+    ("/other", {}, 200, None, "prefix"),
+]
+
+
+def test_a_corpus_of_requests_is_decided_as_consuls_envoy_decides_it(double, http_sidecar):
+    assert len(CORPUS) >= 60 and all(source in SOURCES for *_, source in CORPUS)
+    sidecar = http_sidecar
+    double.set_intention("api", "web", "allow", permissions=CORPUS_PERMISSIONS)
+    sidecar.apply()
+    connection = sidecar.connection()
+    wrong = []
+    for path, headers, status, app_path, source in CORPUS:
+        answer = sidecar.ask(connection, path, headers)
+        got = (answer.status, answer.path if answer.status == 200 else None)
+        want = (status, (app_path or path) if status == 200 else None)
+        if got != want:
+            wrong.append((path, headers, want, got, SOURCES[source]))
+    assert wrong == []

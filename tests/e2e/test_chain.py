@@ -297,6 +297,33 @@ def test_route_values_that_look_like_haproxy_syntax_route_exactly_their_requests
     assert landed == to
 
 
+def test_case_insensitive_routes_match_paths_in_either_case_but_not_regexes(double_mesh_on_each_haproxy):
+    """Match.HTTP.CaseInsensitive: Consul sets Envoy's case_sensitive false, which applies to
+    PathPrefix and PathExact and not to PathRegex; the prefix is rewritten whatever its case."""
+    mesh = double_mesh_on_each_haproxy
+    api, admin = mesh.api, mesh.name("admin")
+    mesh.http(api, admin)
+    mesh.config({"Kind": "service-resolver", "Name": api, "DefaultSubset": "v1", "Subsets": {
+        "v1": {"Filter": "Service.Meta.version == v1"}, "v2": {"Filter": "Service.Meta.version == v2"}}})
+    mesh.config({"Kind": "service-router", "Name": api, "Routes": [
+        {"Match": {"HTTP": {"PathPrefix": "/Admin/", "CaseInsensitive": True}},
+         "Destination": {"Service": admin, "PrefixRewrite": "/"}},
+        {"Match": {"HTTP": {"PathExact": "/Health", "CaseInsensitive": True}}, "Destination": {"ServiceSubset": "v2"}},
+        {"Match": {"HTTP": {"PathRegex": "/Api/[0-9]+", "CaseInsensitive": True}}, "Destination": {"ServiceSubset": "v2"}},
+        {"Match": {"HTTP": {"PathPrefix": "/Docs"}}, "Destination": {"ServiceSubset": "v2"}},
+    ]})
+    mesh.instance(api, "api-v1", "v1")
+    mesh.instance(api, "api-v2", "v2")
+    mesh.instance(admin, "admin-1")
+    mesh.render_until(lambda: mesh.landed("/admin/x") == "admin-1")
+    assert [mesh.get(path) for path in ("/ADMIN/Users", "/aDmIn/x?y=Z")] == [
+        (200, "admin-1 /Users"), (200, "admin-1 /x?y=Z")]
+    landed = {path: mesh.landed(path) for path in (
+        "/health", "/HEALTH", "/Health", "/health/", "/Api/1", "/api/1", "/Docs/x", "/docs/x")}
+    assert landed == {"/health": "api-v2", "/HEALTH": "api-v2", "/Health": "api-v2", "/health/": "api-v1",
+                      "/Api/1": "api-v2", "/api/1": "api-v1", "/Docs/x": "api-v2", "/docs/x": "api-v1"}
+
+
 def test_a_subset_filter_keeps_other_versions_out(mesh):
     api = mesh.api
     mesh.http(api)
