@@ -1792,9 +1792,37 @@ class RequestNormalization:
         return self != RequestNormalization(path=False)
 
 
+# The mesh entry's TLS.Incoming (the public listener) and TLS.Outgoing (every upstream
+# connection), as Consul gives them to Envoy; TLS_AUTO or unset leaves HAProxy's defaults.
+_TLS_VERSIONS = {"TLS_AUTO": "", "TLSv1_0": "TLSv1.0", "TLSv1_1": "TLSv1.1", "TLSv1_2": "TLSv1.2", "TLSv1_3": "TLSv1.3"}
+# Consul's cipher suite names (TLS 1.2 and earlier), as OpenSSL names them.
+_CIPHER_SUITES = {
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+}
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """One direction's TLS versions and TLS 1.2 cipher suites, in HAProxy's names; empty: HAProxy's."""
+    min_version: str = ""
+    max_version: str = ""
+    ciphers: str = ""           # OpenSSL's cipher list, colon-separated
+
+
 @dataclass(frozen=True)
 class MeshEntry:
     normalization: RequestNormalization = RequestNormalization()
+    incoming_tls: TLSSettings = TLSSettings()
+    outgoing_tls: TLSSettings = TLSSettings()
 
 
 def _object(value, field: str) -> dict:
@@ -1823,16 +1851,35 @@ def _enum(value, choices: dict, field: str) -> str:
 
 def parse_mesh_entry(data: dict | None) -> MeshEntry:
     """The mesh entry as GET /v1/config/mesh/mesh returns it, or None when there is none."""
+    tls = _object(_object(data, "mesh entry").get("TLS"), "mesh entry TLS")
+    return MeshEntry(_request_normalization(data), _tls_settings(tls, "Incoming"), _tls_settings(tls, "Outgoing"))
+
+
+def _tls_settings(tls: dict, direction: str) -> TLSSettings:
+    field = f"mesh entry TLS.{direction}"
+    raw = _object(tls.get(direction), field)
+    low, high = (_TLS_VERSIONS[_enum(raw.get(key), dict(zip(_TLS_VERSIONS, _TLS_VERSIONS)), f"{field}.{key}")]
+                 for key in ("TLSMinVersion", "TLSMaxVersion"))
+    if low and high and low > high:
+        raise MeshgenError(f"{field}: TLSMinVersion {low} is above TLSMaxVersion {high}")
+    suites = _list(raw.get("CipherSuites"), f"{field}.CipherSuites")
+    for i, suite in enumerate(suites):
+        if suite not in _CIPHER_SUITES:
+            raise MeshgenError(f"{field}.CipherSuites[{i}]: {_safe_reason(str(suite))!r} is not a cipher suite Consul names")
+    return TLSSettings(low, high, ":".join(_CIPHER_SUITES[suite] for suite in suites))
+
+
+def _request_normalization(data: dict | None) -> RequestNormalization:
     field = "mesh entry HTTP.Incoming.RequestNormalization"
     http = _object(_object(data, "mesh entry").get("HTTP"), "mesh entry HTTP")
     raw = _object(_object(http.get("Incoming"), "mesh entry HTTP.Incoming").get("RequestNormalization"), field)
-    return MeshEntry(RequestNormalization(
+    return RequestNormalization(
         path=not _bool(raw.get("InsecureDisablePathNormalization"), f"{field}.InsecureDisablePathNormalization"),
         merge_slashes=_bool(raw.get("MergeSlashes"), f"{field}.MergeSlashes"),
         escaped_slashes=_enum(raw.get("PathWithEscapedSlashesAction"), _ESCAPED_SLASHES,
                               f"{field}.PathWithEscapedSlashesAction"),
         underscores=_enum(raw.get("HeadersWithUnderscoresAction"), _UNDERSCORES,
-                          f"{field}.HeadersWithUnderscoresAction")))
+                          f"{field}.HeadersWithUnderscoresAction"))
 
 
 def with_mesh(sidecar: Sidecar, answers: dict) -> Sidecar:

@@ -994,8 +994,24 @@ class ConsulDouble:
                                                     "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT", "UNESCAPE_AND_FORWARD"),
                    "HeadersWithUnderscoresAction": ("", "ALLOW", "REJECT_REQUEST", "DROP_HEADER")}
 
+    _TLS_VERSIONS = ("", "TLS_AUTO", "TLSv1_0", "TLSv1_1", "TLSv1_2", "TLSv1_3")
+
     def _check_mesh(self, entry: dict) -> None:
         """Consul 1.22's MeshConfigEntry.Validate for what the double models (one entry, named mesh)."""
+        for direction in ("Incoming", "Outgoing"):
+            tls = (entry.get("TLS") or {}).get(direction) or {}
+            low, high = tls.get("TLSMinVersion", ""), tls.get("TLSMaxVersion", "")
+            for version in (low, high):
+                if version not in self._TLS_VERSIONS:
+                    raise HTTPError(500, f"error in {direction.lower()} TLS configuration: "
+                                         f"no matching TLS version found for {version}")
+            if low.startswith("TLSv") and high.startswith("TLSv") and low > high:
+                raise HTTPError(500, f"error in {direction.lower()} TLS configuration: TLSMinVersion "
+                                     f"{low} cannot be higher than TLSMaxVersion {high}")
+            if tls.get("CipherSuites") and low == "TLSv1_3":
+                raise HTTPError(500, f"error in {direction.lower()} TLS configuration: configuring CipherSuites "
+                                     "is only applicable to connections negotiated with TLS 1.2 or earlier, "
+                                     "TLSMinVersion is set to TLSv1_3")
         normalization = ((entry.get("HTTP") or {}).get("Incoming") or {}).get("RequestNormalization") or {}
         for key, allowed in self._MESH_ENUMS.items():
             if normalization.get(key, "") not in allowed:

@@ -97,6 +97,12 @@ FAULTS = {
     "mesh entry flag mistyped": (lambda d: d.inject("/v1/config/mesh/mesh", body=json.dumps(
         {"Kind": "mesh", "HTTP": {"Incoming": {"RequestNormalization": {"MergeSlashes": "yes"}}}})),
         "mesh entry HTTP.Incoming.RequestNormalization.MergeSlashes: 'yes' is not true or false"),
+    "mesh entry cipher unknown": (lambda d: d.inject("/v1/config/mesh/mesh", body=json.dumps(
+        {"Kind": "mesh", "TLS": {"Outgoing": {"CipherSuites": ["ALL:eNULL"]}}})),
+        "mesh entry TLS.Outgoing.CipherSuites[0]: 'ALL:eNULL' is not a cipher suite Consul names"),
+    "mesh entry TLS version unknown": (lambda d: d.inject("/v1/config/mesh/mesh", body=json.dumps(
+        {"Kind": "mesh", "TLS": {"Incoming": {"TLSMinVersion": "TLSv1_3 ciphers NULL"}}})),
+        "mesh entry TLS.Incoming.TLSMinVersion: 'TLSv1_3 ciphers NULL' is not one of"),
     "mesh entry not an object": (lambda d: d.inject("/v1/config/mesh/mesh", body="[]"),
                                  "GET /v1/config/mesh/mesh: expected a JSON object"),
     "permission needs a JWT": (lambda d: d.set_intention("web", "www", "allow", permissions=[

@@ -393,3 +393,95 @@ def test_a_corpus_of_requests_is_decided_as_consuls_envoy_decides_it(double, htt
         if got != want:
             wrong.append((path, headers, want, got, SOURCES[source]))
     assert wrong == []
+
+
+class TLSVersionServer:
+    """An instance of `service` elsewhere in the mesh: mutual TLS with its leaf, echoes a line,
+    and remembers the TLS version of each connection."""
+
+    def __init__(self, agent, directory: Path, service: str):
+        import socket
+        import threading
+        identity = Identity.from_agent(agent, directory, service)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(identity.cert), str(identity.key))
+        self.context.load_verify_locations(str(identity.roots))
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.versions: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as conn:
+                    conn.settimeout(5)
+                    self.versions.append(conn.version())
+                    conn.sendall(conn.recv(4096))
+            except (OSError, ssl.SSLError):
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def handshake(port: int, context: ssl.SSLContext) -> str | None:
+    """The TLS version the public listener agreed to, or None when the handshake failed."""
+    import socket
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with context.wrap_socket(raw) as conn:
+                return conn.version()
+    except (OSError, ssl.SSLError):
+        return None
+
+
+def test_the_mesh_entrys_tls_versions_hold_on_the_public_listener_and_upstreams(double, haproxy, tmp_path):
+    """TLS.Incoming on the public listener, TLS.Outgoing on every upstream connection: with
+    TLSMinVersion TLSv1_3 a TLS 1.2 client fails the handshake and upstreams are dialed with 1.3;
+    with TLSMaxVersion TLSv1_2 and one cipher suite, the listener takes no other suite."""
+    from harness import EchoServer, talk
+    api = TLSVersionServer(double, tmp_path / "api", "api")
+    double.add_instance("api", "127.0.0.1", api.port)
+    app, port, upstream = EchoServer(), free_port(), free_port()
+    proxy_id = register_sidecar(double, "web", port, app.port,
+                                upstreams=[{"destination_name": "api", "local_bind_port": upstream}])
+    out = tmp_path / "out"
+    assert meshgen_run(double, proxy_id, out, haproxy).exit_code == 3
+    process = HAProxy(haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=port,
+                      master_socket=tmp_path / "master.sock")
+    sidecar = HttpSidecar(double, haproxy, proxy_id, port, out, tmp_path / "ids", process)
+    try:
+        def client(maximum=ssl.TLSVersion.MAXIMUM_SUPPORTED, ciphers: str | None = None) -> ssl.SSLContext:
+            context = sidecar.identity("api").context()
+            context.maximum_version = maximum
+            if ciphers:
+                context.set_ciphers(ciphers)
+            return context
+        # HAProxy's own defaults: TLS 1.2 and up on both sides.
+        assert (handshake(port, client(ssl.TLSVersion.TLSv1_2)), handshake(port, client())) == ("TLSv1.2", "TLSv1.3")
+        assert talk(upstream, None) == b"ping\n" and api.versions[-1] == "TLSv1.3"
+
+        double.set_config({"Kind": "mesh", "TLS": {"Incoming": {"TLSMinVersion": "TLSv1_3"},
+                                                   "Outgoing": {"TLSMinVersion": "TLSv1_3"}}})
+        sidecar.apply()
+        assert (handshake(port, client(ssl.TLSVersion.TLSv1_2)), handshake(port, client())) == (None, "TLSv1.3")
+        assert talk(upstream, None) == b"ping\n" and api.versions[-1] == "TLSv1.3"
+
+        double.set_config({"Kind": "mesh", "TLS": {
+            "Incoming": {"TLSMaxVersion": "TLSv1_2", "CipherSuites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"]},
+            "Outgoing": {"TLSMaxVersion": "TLSv1_2"}}})
+        sidecar.apply()
+        assert handshake(port, client()) == "TLSv1.2"
+        assert handshake(port, client(ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES256-GCM-SHA384")) is None
+        assert handshake(port, client(ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256")) == "TLSv1.2"
+        assert talk(upstream, None) == b"ping\n" and api.versions[-1] == "TLSv1.2"
+    finally:
+        process.stop()
+        app.close()
+        api.close()
