@@ -1823,6 +1823,8 @@ class MeshEntry:
     normalization: RequestNormalization = RequestNormalization()
     incoming_tls: TLSSettings = TLSSettings()
     outgoing_tls: TLSSettings = TLSSettings()
+    # HTTP.SanitizeXForwardedClientCert: the app gets no X-Forwarded-Client-Cert at all.
+    sanitize_client_cert: bool = False
 
 
 def _object(value, field: str) -> dict:
@@ -1852,7 +1854,9 @@ def _enum(value, choices: dict, field: str) -> str:
 def parse_mesh_entry(data: dict | None) -> MeshEntry:
     """The mesh entry as GET /v1/config/mesh/mesh returns it, or None when there is none."""
     tls = _object(_object(data, "mesh entry").get("TLS"), "mesh entry TLS")
-    return MeshEntry(_request_normalization(data), _tls_settings(tls, "Incoming"), _tls_settings(tls, "Outgoing"))
+    http = _object(_object(data, "mesh entry").get("HTTP"), "mesh entry HTTP")
+    return MeshEntry(_request_normalization(data), _tls_settings(tls, "Incoming"), _tls_settings(tls, "Outgoing"),
+                     _bool(http.get("SanitizeXForwardedClientCert"), "mesh entry HTTP.SanitizeXForwardedClientCert"))
 
 
 def _tls_settings(tls: dict, direction: str) -> TLSSettings:

@@ -252,6 +252,10 @@ def test_a_forged_client_cert_header_never_reaches_the_app(double, one_http_side
     expected = [["x-forwarded-client-cert", f"By={double.service_uri('web')};"
                  f"Hash={hashlib.sha256(der).hexdigest()};URI={double.service_uri('api')}"]]
     assert [[h for h in answer.headers if h[0] == "x-forwarded-client-cert"] for answer in seen] == [expected] * 2
+    double.set_config({"Kind": "mesh", "HTTP": {"SanitizeXForwardedClientCert": True}})
+    sidecar.apply()
+    answer = sidecar.ask(sidecar.connection("api"), "/", forged)
+    assert answer.status == 200 and [h for h in answer.headers if h[0] == "x-forwarded-client-cert"] == []
 
 
 # ------------------------------------------------------------------------------------------------
