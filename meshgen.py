@@ -799,6 +799,7 @@ class Backend:
     request_timeout_ms: int | None = None    # a route's RequestTimeout: HTTP's timeout server
     instances: tuple[Instance, ...] = ()
     about: tuple[str, ...] = ()          # haproxy.cfg's comment: the targets, unless the default one
+    balance: str = ""                    # HAProxy's algorithm, as the resolver's LoadBalancer says; "": round robin
 
 
 @dataclass(frozen=True)
@@ -1144,6 +1145,7 @@ class ChainResolver:
     connect_timeout_ms: int
     request_timeout_ms: int | None = None    # Consul 1.15+: for routes that set none
     unapplied: tuple[str, ...] = ()          # what it asks that meshgen does not render
+    balance: str = ""                        # HAProxy's algorithm for its LoadBalancer; "": round robin
 
 
 @dataclass(frozen=True)
@@ -1224,8 +1226,16 @@ def parse_chain(data: dict, upstream: Upstream) -> Chain:
 UNAPPLIED_DESTINATION = ("RequestHeaders", "ResponseHeaders", "RetryOn", "IdleTimeout")
 
 
+# Envoy's load-balancing policies that HAProxy has an equivalent of. least_request: Envoy
+# picks the less busy of two random hosts, leastconn the least busy of all. random: one draw
+# (HAProxy's plain random draws two and takes the less busy). ring_hash and maglev (with
+# HashPolicies) are not rendered: named instead.
+_BALANCE = {"": "", "round_robin": "", "least_request": "leastconn", "random": "random(1)"}
+
+
 def parse_resolver(name: str, raw: dict, targets: dict, field: str) -> ChainResolver:
-    field = f"{field}.Nodes[{name}].Resolver"
+    node_field = f"{field}.Nodes[{name}]"
+    field = f"{node_field}.Resolver"
     resolver = raw.get("Resolver")
     if not isinstance(resolver, dict):
         raise MeshgenError(f"{field}: not an object")
@@ -1234,14 +1244,15 @@ def parse_resolver(name: str, raw: dict, targets: dict, field: str) -> ChainReso
         raise MeshgenError(f"{field}.Failover: not an object")
     ids = [resolver.get("Target")] + _list(failover.get("Targets"), f"{field}.Failover.Targets")
     timeout, request_timeout = resolver.get("ConnectTimeout"), resolver.get("RequestTimeout")
-    policy = resolver.get("LoadBalancer")
-    policy = policy.get("Policy") if isinstance(policy, dict) else None
-    unapplied = () if policy in (None, "", "round_robin") else (
+    # Consul (1.9+) compiles a resolver's LoadBalancer onto the chain node, beside Resolver.
+    policy = _object(raw.get("LoadBalancer"), f"{node_field}.LoadBalancer").get("Policy")
+    balance = _BALANCE.get(policy or "")
+    unapplied = () if balance is not None else (
         f"{name}: LoadBalancer policy {_safe_reason(str(policy))!r} is not applied (HAProxy balances round robin)",)
     return ChainResolver(name, tuple(parse_target(target_id, targets, field) for target_id in ids),
                          check_duration_ms(timeout, f"{field}.ConnectTimeout") if timeout else 5000,
                          check_duration_ms(request_timeout, f"{field}.RequestTimeout") or None
-                         if request_timeout else None, unapplied)
+                         if request_timeout else None, unapplied, balance or "")
 
 
 def parse_target(target_id, targets: dict, field: str) -> Target:
@@ -1358,7 +1369,7 @@ def _chain_backends(upstream: Upstream, chain: Chain, answers: dict) -> Upstream
                 f"{', '.join(ids[1:])} that has one: its instances are the servers.")
             backends[key] = Backend(
                 name, resolver.connect_timeout_ms, tuple(sorted({t.service for t in resolver.targets})),
-                ids, serving, route.retries, request_timeout, instances, about)
+                ids, serving, route.retries, request_timeout, instances, about, resolver.balance)
         return backends[key].name
 
     routes = []

@@ -1148,6 +1148,8 @@ class _ChainCompiler:
                                             for dc in failover.get("Datacenters") or [self.dc]]}
         name = f"resolver:{target}"
         self.nodes[name] = {"Type": "resolver", "Name": target, "Resolver": body}
+        if resolver.get("LoadBalancer"):     # Consul 1.9+ puts it on the node, not in Resolver
+            self.nodes[name]["LoadBalancer"] = resolver["LoadBalancer"]
         return name
 
     def target(self, service: str, subset: str, dc: str | None = None) -> str:

@@ -385,8 +385,9 @@ def test_settings_of_newer_consul_that_meshgen_does_not_render_are_named():
     data = _compiled([HTTP_API, {"Kind": "service-router", "Name": "api", "Routes": [
         {"Match": {"HTTP": {"PathPrefix": "/a"}}, "Destination": {"RequestTimeout": "2s"}}]}])
     chain = data["Chain"]
-    chain["Nodes"]["resolver:api.default.dc1"]["Resolver"].update(
-        LoadBalancer={"Policy": "ring_hash"}, RequestTimeout="9s")
+    # Consul compiles LoadBalancer onto the node itself, beside Resolver.
+    chain["Nodes"]["resolver:api.default.dc1"]["LoadBalancer"] = {"Policy": "ring_hash"}
+    chain["Nodes"]["resolver:api.default.dc1"]["Resolver"].update(RequestTimeout="9s")
     chain["Nodes"]["router:api.default"]["Routes"][0]["Definition"]["Destination"]["RequestHeaders"] = {
         "Add": {"x-a": "1"}}
     upstream = _api_upstream()

@@ -324,6 +324,44 @@ def test_case_insensitive_routes_match_paths_in_either_case_but_not_regexes(doub
                       "/Api/1": "api-v2", "/api/1": "api-v1", "/Docs/x": "api-v2", "/docs/x": "api-v1"}
 
 
+@pytest.fixture
+def double_mesh(any_haproxy, tmp_path):
+    """For what Consul 1.8.7 has not: a resolver's LoadBalancer is Consul 1.9+."""
+    double = DoubleAgent().start()
+    double.suffix = ""
+    built = ChainMesh(double, any_haproxy, tmp_path)
+    yield built
+    built.close()
+    double.stop()
+
+
+def test_a_resolvers_load_balancer_policy_decides_where_requests_land(double_mesh):
+    """Consul compiles LoadBalancer onto the chain node: least_request sends a request away from
+    an instance busy with a slow one; random does not alternate as round robin does."""
+    mesh = double_mesh
+    api = mesh.api
+    mesh.http(api)
+    mesh.instance(api, "api-1")
+    mesh.instance(api, "api-2")
+    mesh.config({"Kind": "service-resolver", "Name": api, "LoadBalancer": {"Policy": "least_request"}})
+    mesh.render_until(lambda: "balance leastconn" in (mesh.out / "haproxy.cfg").read_text())
+    slow = threading.Thread(target=mesh.get, args=("/slow",))
+    slow.start()
+    time.sleep(0.5)
+    quick = [mesh.landed(f"/quick-{i}") for i in range(6)]
+    slow.join()
+    assert len(set(quick)) == 1, quick             # round robin would send half to the busy one
+
+    mesh.config({"Kind": "service-resolver", "Name": api, "LoadBalancer": {"Policy": "random"}})
+    mesh.render_until(lambda: "balance random(1)" in (mesh.out / "haproxy.cfg").read_text())
+    connection = http.client.HTTPConnection("127.0.0.1", mesh.upstream_port, timeout=10)
+    landed = [mesh.landed(connection=connection) for _ in range(200)]
+    assert set(landed) == {"api-1", "api-2"}
+    assert any(a == b for a, b in zip(landed, landed[1:]))   # round robin strictly alternates
+    mesh.instance(api, "api-3")                 # a server added through the runtime API, or a reload
+    mesh.render_until(lambda: "api-3" in {mesh.landed() for _ in range(30)})
+
+
 def test_a_subset_filter_keeps_other_versions_out(mesh):
     api = mesh.api
     mesh.http(api)
