@@ -799,7 +799,7 @@ class Backend:
     request_timeout_ms: int | None = None    # a route's RequestTimeout: HTTP's timeout server
     instances: tuple[Instance, ...] = ()
     about: tuple[str, ...] = ()          # haproxy.cfg's comment: the targets, unless the default one
-    balance: str = ""                    # HAProxy's algorithm, as the resolver's LoadBalancer says; "": round robin
+    balance: "Balance" = None            # as the resolver's LoadBalancer says; None: round robin
 
 
 @dataclass(frozen=True)
@@ -1145,7 +1145,7 @@ class ChainResolver:
     connect_timeout_ms: int
     request_timeout_ms: int | None = None    # Consul 1.15+: for routes that set none
     unapplied: tuple[str, ...] = ()          # what it asks that meshgen does not render
-    balance: str = ""                        # HAProxy's algorithm for its LoadBalancer; "": round robin
+    balance: "Balance | None" = None         # its LoadBalancer; None: round robin
 
 
 @dataclass(frozen=True)
@@ -1226,11 +1226,40 @@ def parse_chain(data: dict, upstream: Upstream) -> Chain:
 UNAPPLIED_DESTINATION = ("RequestHeaders", "ResponseHeaders", "RetryOn", "IdleTimeout")
 
 
+@dataclass(frozen=True)
+class Balance:
+    """How a backend picks an instance, from a resolver's LoadBalancer."""
+    algorithm: str              # leastconn, random, or by a hash of: header, query, cookie, source
+    key: str = ""               # the header's, query parameter's or cookie's name
+
+
 # Envoy's load-balancing policies that HAProxy has an equivalent of. least_request: Envoy
 # picks the less busy of two random hosts, leastconn the least busy of all. random: one draw
-# (HAProxy's plain random draws two and takes the less busy). ring_hash and maglev (with
-# HashPolicies) are not rendered: named instead.
-_BALANCE = {"": "", "round_robin": "", "least_request": "leastconn", "random": "random(1)"}
+# (HAProxy's plain random draws two and takes the less busy). ring_hash and maglev: a
+# consistent hash of what the one hash policy names.
+_BALANCE = {"least_request": "leastconn", "random": "random"}
+_HASH_FIELDS = {"header": "header", "query_parameter": "query", "cookie": "cookie"}
+
+
+def parse_load_balancer(raw, name: str, field: str) -> tuple[Balance | None, tuple[str, ...]]:
+    """The node's LoadBalancer: how to balance, or what of it is not applied."""
+    raw = _object(raw, field)
+    policy = raw.get("Policy") or "round_robin"
+    if policy == "round_robin":
+        return None, ()
+    if policy in _BALANCE:
+        return Balance(_BALANCE[policy]), ()
+    not_applied = (f"{name}: LoadBalancer policy {_safe_reason(str(policy))!r} is not applied (HAProxy balances round robin)",)
+    hashes = _list(raw.get("HashPolicies"), f"{field}.HashPolicies")
+    if policy not in ("ring_hash", "maglev") or len(hashes) != 1 or not isinstance(hashes[0], dict):
+        return None, not_applied
+    rule = hashes[0]
+    if rule.get("SourceIP") is True:
+        return Balance("source"), ()
+    kind, key = _HASH_FIELDS.get(rule.get("Field")), rule.get("FieldValue")
+    if kind is None or rule.get("CookieConfig") or not isinstance(key, str) or not _HEADER_NAME.fullmatch(key):
+        return None, not_applied     # Envoy makes the cookie it hashes on; HAProxy does not
+    return Balance(kind, key), ()
 
 
 def parse_resolver(name: str, raw: dict, targets: dict, field: str) -> ChainResolver:
@@ -1245,14 +1274,11 @@ def parse_resolver(name: str, raw: dict, targets: dict, field: str) -> ChainReso
     ids = [resolver.get("Target")] + _list(failover.get("Targets"), f"{field}.Failover.Targets")
     timeout, request_timeout = resolver.get("ConnectTimeout"), resolver.get("RequestTimeout")
     # Consul (1.9+) compiles a resolver's LoadBalancer onto the chain node, beside Resolver.
-    policy = _object(raw.get("LoadBalancer"), f"{node_field}.LoadBalancer").get("Policy")
-    balance = _BALANCE.get(policy or "")
-    unapplied = () if balance is not None else (
-        f"{name}: LoadBalancer policy {_safe_reason(str(policy))!r} is not applied (HAProxy balances round robin)",)
+    balance, unapplied = parse_load_balancer(raw.get("LoadBalancer"), name, f"{node_field}.LoadBalancer")
     return ChainResolver(name, tuple(parse_target(target_id, targets, field) for target_id in ids),
                          check_duration_ms(timeout, f"{field}.ConnectTimeout") if timeout else 5000,
                          check_duration_ms(request_timeout, f"{field}.RequestTimeout") or None
-                         if request_timeout else None, unapplied, balance or "")
+                         if request_timeout else None, unapplied, balance)
 
 
 def parse_target(target_id, targets: dict, field: str) -> Target:

@@ -413,8 +413,9 @@ class HAProxy:
         while time.monotonic() < deadline:
             now = set(self.workers())
             log = self.log()
-            # An old worker logs "Proxy NAME stopped" for each proxy as it stops listening.
-            if now and not now & before and all(f"({pid}) : Proxy " in log for pid in before):
+            # An old worker logs "Proxy NAME stopped" for each proxy as it stops listening
+            # ("CLI : Proxy ..." when the runtime API was in use, seen on 2.6).
+            if now and not now & before and all(re.search(rf"\({pid}\) : (?:CLI : )?Proxy ", log) for pid in before):
                 return
             time.sleep(0.05)
         raise AssertionError(f"no new worker after a reload:\n{self.master('show proc')}")

@@ -337,7 +337,8 @@ def double_mesh(any_haproxy, tmp_path):
 
 def test_a_resolvers_load_balancer_policy_decides_where_requests_land(double_mesh):
     """Consul compiles LoadBalancer onto the chain node: least_request sends a request away from
-    an instance busy with a slow one; random does not alternate as round robin does."""
+    an instance busy with a slow one; random does not alternate as round robin does; ring_hash
+    and maglev keep what their hash policy names on one instance."""
     mesh = double_mesh
     api = mesh.api
     mesh.http(api)
@@ -348,9 +349,14 @@ def test_a_resolvers_load_balancer_policy_decides_where_requests_land(double_mes
     slow = threading.Thread(target=mesh.get, args=("/slow",))
     slow.start()
     time.sleep(0.5)
-    quick = [mesh.landed(f"/quick-{i}") for i in range(6)]
+    quick = []
+    for i in range(6):                             # only those that landed while it was busy
+        landed = mesh.landed(f"/quick-{i}")
+        if slow.is_alive():
+            quick.append(landed)
+        time.sleep(0.1)         # HAProxy counts a request until its stream ends, just after the answer
     slow.join()
-    assert len(set(quick)) == 1, quick             # round robin would send half to the busy one
+    assert len(quick) >= 2 and len(set(quick)) == 1, quick   # round robin: half to the busy one
 
     mesh.config({"Kind": "service-resolver", "Name": api, "LoadBalancer": {"Policy": "random"}})
     mesh.render_until(lambda: "balance random(1)" in (mesh.out / "haproxy.cfg").read_text())
@@ -360,6 +366,21 @@ def test_a_resolvers_load_balancer_policy_decides_where_requests_land(double_mes
     assert any(a == b for a, b in zip(landed, landed[1:]))   # round robin strictly alternates
     mesh.instance(api, "api-3")                 # a server added through the runtime API, or a reload
     mesh.render_until(lambda: "api-3" in {mesh.landed() for _ in range(30)})
+
+    # ring_hash on a header: each user always to the same instance; users spread over them.
+    mesh.config({"Kind": "service-resolver", "Name": api, "LoadBalancer": {
+        "Policy": "ring_hash", "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}]}})
+    mesh.render_until(lambda: "hash-type consistent" in (mesh.out / "haproxy.cfg").read_text())
+    connection = http.client.HTTPConnection("127.0.0.1", mesh.upstream_port, timeout=10)   # the reload closed the last
+    by_user = {user: {mesh.landed(headers={"x-user": user}, connection=connection) for _ in range(5)}
+               for user in (f"user-{i}" for i in range(20))}
+    assert all(len(landed) == 1 for landed in by_user.values()), by_user
+    assert len(set().union(*by_user.values())) > 1, by_user
+    # maglev on the source address: every request of this one client to one instance.
+    mesh.config({"Kind": "service-resolver", "Name": api, "LoadBalancer": {
+        "Policy": "maglev", "HashPolicies": [{"SourceIP": True}]}})
+    mesh.render_until(lambda: "balance source" in (mesh.out / "haproxy.cfg").read_text())
+    assert len({mesh.landed() for _ in range(30)}) == 1
 
 
 def test_a_subset_filter_keeps_other_versions_out(mesh):
