@@ -345,6 +345,7 @@ class AgentData:
     chains: dict      # UpstreamKey -> Chain, for upstreams that follow one
     answers: dict     # Query -> Reply: each chain's, each target's instances, each prepared query's,
                       # the mesh entry's (MESH_QUERY; data None where there is none)
+    mesh_unreadable: AgentUnavailable | None = None   # why the mesh entry is not in answers
 
 
 def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstream, ...],
@@ -367,8 +368,12 @@ def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstre
         targets = sorted({t.query for chain in chains.values() for t in chain.targets})
         seconds = {q: pool.submit(fetch_instances, client, q) for q in targets}
         answers.update((q, future.result()) for q, future in seconds.items())
-        answers.update([mesh.result()])
-        return AgentData(roots.result(), leaf.result(), intentions.result(), chains, answers)
+        try:
+            answers.update([mesh.result()])
+            unreadable = None
+        except AgentUnavailable as err:
+            unreadable = err
+        return AgentData(roots.result(), leaf.result(), intentions.result(), chains, answers, unreadable)
 
 
 INTENTIONS_PATH = "/v1/connect/intentions"
@@ -502,14 +507,16 @@ class WatchState:
     unnamed_caller: list       # kept in force while the agent cannot read them
     connection_lifetime_ms: int    # Config max_connection_lifetime_ms: swept while waiting
     loaded_bundle: str         # the bundle HAProxy was last told to load: its runtime names
+    mesh_seen: list | None = None  # [the mesh entry, or None for none]: kept in force while unreadable
 
     @classmethod
     def of_run(cls, proxy_id: str, registration: dict, sidecar: Sidecar, data: AgentData,
                intentions: tuple[int, list, list], loaded_bundle: str) -> "WatchState":
+        mesh = [reply.data for query, reply in data.answers.items() if query.path == MESH_QUERY.path]
         return cls(proxy_id, sidecar.service, str(registration.get("ContentHash", "")),
                    data.roots.index or 0, str(data.roots.data.get("ActiveRootID", "")), data.leaf.index or 0,
                    {str(query): _marker(query, reply) for query, reply in sorted(data.answers.items())},
-                   *intentions, sidecar.max_connection_lifetime_ms, loaded_bundle)
+                   *intentions, sidecar.max_connection_lifetime_ms, loaded_bundle, mesh or None)
 
 
 def _marker(query: Query, reply: Reply):
@@ -2699,9 +2706,12 @@ def _fetch_model(client: ConsulClient, proxy_id: str, previous: WatchState | Non
     registration = fetch_registration(client, proxy_id)
     sidecar = parse_registration(registration, proxy_id)
     data = fetch_agent_data(client, sidecar.service, sidecar.upstreams)
+    notes = ()
+    if data.mesh_unreadable is not None:
+        data, notes = _last_mesh_entry(data, previous)
     certs = check_certificates(data.roots.data, data.leaf.data, sidecar.service, dt.datetime.now(dt.timezone.utc))
     sidecar = with_mesh(with_chains(sidecar, data.chains, data.answers), data.answers)
-    notes = tuple(f"upstream {key.name}: {text}" for key, chain in sorted(data.chains.items()) for text in chain.unapplied)
+    notes += tuple(f"upstream {key.name}: {text}" for key, chain in sorted(data.chains.items()) for text in chain.unapplied)
     try:
         if isinstance(data.intentions, AgentUnavailable):
             raise data.intentions
@@ -2717,6 +2727,21 @@ def _fetch_model(client: ConsulClient, proxy_id: str, previous: WatchState | Non
         notes += (f"intentions: {_one_line(str(err))}: the last ones seen stay in force",)
     seen = WatchState.of_run(proxy_id, registration, sidecar, data, (index, entries, unnamed), loaded_bundle="")
     return Model(sidecar, certs, decide(listed, sidecar.http, *unnamed), seen, notes)
+
+
+def _last_mesh_entry(data: AgentData, previous: WatchState | None) -> tuple[AgentData, tuple[str, ...]]:
+    """Fail static: with the agent's servers out of reach (the mesh entry is not cached; 1.8.7
+    cannot even say that it has no such kind), the entry the last run saw, at its marker."""
+    err = data.mesh_unreadable
+    seen = [(Query.parse(text), marker) for text, marker in (previous.queries if previous else {}).items()
+            if Query.parse(text).path == MESH_QUERY.path]
+    if not seen or previous.mesh_seen is None:
+        raise MeshgenError(f"{err}; no earlier run saw the mesh config entry")
+    (query, marker), = seen
+    answers = dict(data.answers)
+    answers[query] = Reply(previous.mesh_seen[0], marker if query.blocks else None)
+    return dataclasses.replace(data, answers=answers, mesh_unreadable=None), (
+        f"mesh entry: {_one_line(str(err))}: the last one seen stays in force",)
 
 
 class MeshgenGroup(click.Group):

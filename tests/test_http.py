@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import meshgen
 from harness import HAProxy, Identity, _LocalServer, free_port, meshgen_run, register_sidecar
 
 
@@ -489,3 +490,21 @@ def test_the_mesh_entrys_tls_versions_hold_on_the_public_listener_and_upstreams(
         process.stop()
         app.close()
         api.close()
+
+
+def test_with_the_mesh_entry_unreadable_the_last_one_seen_stays_in_force(double, any_haproxy, tmp_path):
+    """Fail static: the agent does not cache config entries, so with its servers out of reach it
+    answers 500 (Consul 1.8.7 too, for a kind it does not know: the check is the servers'). The
+    settings the last run saw stay; a first run cannot know them and fails."""
+    proxy_id = register_sidecar(double, "web", free_port(), free_port(), {"protocol": "http"})
+    out = tmp_path / "out"
+    double.inject("/v1/config/mesh/mesh", status=500, body="No cluster leader")
+    with pytest.raises(meshgen.MeshgenError, match="no earlier run saw the mesh config entry"):
+        meshgen_run(double, proxy_id, out, any_haproxy)
+    double.clear_faults()
+    double.set_config(mesh_entry(MergeSlashes=True))
+    assert meshgen_run(double, proxy_id, out, any_haproxy).exit_code == 3
+    double.inject("/v1/config/mesh/mesh", status=500, body="No cluster leader")
+    result = meshgen_run(double, proxy_id, out, any_haproxy)
+    assert result.exit_code == 0 and any("the last one seen stays in force" in note for note in result.notes)
+    assert "lua.meshgen_normalize 1 1 keep allow" in (out / "haproxy.cfg").read_text()
