@@ -1252,6 +1252,8 @@ def parse_load_balancer(raw, name: str, field: str) -> tuple[Balance | None, tup
     """The node's LoadBalancer: how to balance, or what of it is not applied."""
     raw = _object(raw, field)
     policy = raw.get("Policy") or "round_robin"
+    if not isinstance(policy, str):
+        raise MeshgenError(f"{field}.Policy: {_safe_reason(str(policy))!r} is not a policy name")
     if policy == "round_robin":
         return None, ()
     if policy in _BALANCE:
@@ -1263,7 +1265,7 @@ def parse_load_balancer(raw, name: str, field: str) -> tuple[Balance | None, tup
     rule = hashes[0]
     if rule.get("SourceIP") is True:
         return Balance("source"), ()
-    kind, key = _HASH_FIELDS.get(rule.get("Field")), rule.get("FieldValue")
+    kind, key = _HASH_FIELDS.get(rule.get("Field")) if isinstance(rule.get("Field"), str) else None, rule.get("FieldValue")
     if kind is None or rule.get("CookieConfig") or not isinstance(key, str) or not _HEADER_NAME.fullmatch(key):
         return None, not_applied     # Envoy makes the cookie it hashes on; HAProxy does not
     return Balance(kind, key), ()
@@ -1888,9 +1890,9 @@ def _bool(value, field: str) -> bool:
 
 
 def _enum(value, choices: dict, field: str) -> str:
-    if value in (None, ""):
+    if value is None or value == "":
         return next(iter(choices.values()))
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise MeshgenError(f"{field}: {_safe_reason(str(value))!r} is not one of {', '.join(choices)}")
     return choices[value]
 
@@ -1912,7 +1914,7 @@ def _tls_settings(tls: dict, direction: str) -> TLSSettings:
         raise MeshgenError(f"{field}: TLSMinVersion {low} is above TLSMaxVersion {high}")
     suites = _list(raw.get("CipherSuites"), f"{field}.CipherSuites")
     for i, suite in enumerate(suites):
-        if suite not in _CIPHER_SUITES:
+        if not isinstance(suite, str) or suite not in _CIPHER_SUITES:
             raise MeshgenError(f"{field}.CipherSuites[{i}]: {_safe_reason(str(suite))!r} is not a cipher suite Consul names")
     return TLSSettings(low, high, ":".join(_CIPHER_SUITES[suite] for suite in suites))
 
