@@ -173,6 +173,114 @@ core.register_action("meshgen_identify", { "tcp-req" }, function(txn)
 end, 0)
 
 -- ------------------------------------------------------------------------------------------
+-- Request normalization on the public listener, as Consul has Envoy do it before intentions
+-- read a request (the mesh entry's HTTP.Incoming.RequestNormalization; docs/http.md). In
+-- Envoy's order: escaped slashes, then the RFC 3986 path (Envoy's normalize_path, which is
+-- Chromium's path canonicalizer), then merged slashes; the query string is left as it is.
+
+local UNRESERVED = "^[A-Za-z0-9%-%._~]$"
+
+-- %2F and %5C, in either case, as "/" and "\"; and how many there were.
+local function unescape_slashes(path)
+    local slashes, n = path:gsub("%%2[Ff]", "/")
+    local both, m = slashes:gsub("%%5[Cc]", "\\")
+    return both, n + m
+end
+
+-- One character of the path as Chromium's canonicalizer writes it; nil for an escaped NUL,
+-- which makes the request invalid. Escapes of other characters keep their spelling.
+local function canonical_char(path, i)
+    local c = path:sub(i, i)
+    if c == "%" then
+        local hex = path:sub(i + 1, i + 2)
+        if not hex:match("^%x%x$") then return "%", 1 end
+        local decoded = string.char(tonumber(hex, 16))
+        if decoded == "\0" then return nil end
+        if decoded:match(UNRESERVED) then return decoded, 3 end
+        return "%" .. hex, 3
+    end
+    if c == "\\" then return "/", 1 end
+    local byte = c:byte()
+    if byte <= 0x20 or byte >= 0x7f or c == '"' or c == "<" or c == ">" or c == "`" then
+        return string.format("%%%02X", byte), 1
+    end
+    return c, 1
+end
+
+-- "." segments dropped, ".." drops the segment before it (none above the root); a path that
+-- ends in either ends in "/".
+local function without_dot_segments(path)
+    local kept, segments = {}, {}
+    for segment in (path:sub(2) .. "/"):gmatch("([^/]*)/") do segments[#segments + 1] = segment end
+    for i, segment in ipairs(segments) do
+        if segment == ".." then
+            kept[#kept] = nil
+        elseif segment ~= "." then
+            kept[#kept + 1] = segment
+        end
+        if (segment == "." or segment == "..") and i == #segments then kept[#kept + 1] = "" end
+    end
+    return "/" .. table.concat(kept, "/")
+end
+
+local function canonical_path(path)
+    if path:sub(1, 1) ~= "/" then return path end
+    local out, i = {}, 1
+    while i <= #path do
+        local written, used = canonical_char(path, i)
+        if not written then return nil end
+        out[#out + 1] = written
+        i = i + used
+    end
+    return without_dot_segments(table.concat(out))
+end
+
+-- The path as the request goes on, and what to do: "forward", "reject" (400) or "redirect" (307).
+local function normalize_path(path, normalize, merge, escaped)
+    local action = "forward"
+    if escaped ~= "keep" then
+        local unescaped, count = unescape_slashes(path)
+        if count > 0 then
+            if escaped == "reject" then return path, "reject" end
+            if escaped == "redirect" then action = "redirect" end
+            path = unescaped
+        end
+    end
+    if normalize then
+        path = canonical_path(path)
+        if not path then return nil, "reject" end
+    end
+    if merge then path = path:gsub("/+", "/") end
+    return path, action
+end
+
+core.register_action("meshgen_normalize", { "http-req" }, function(txn, normalize, merge, escaped, underscores)
+    local ok, problem = pcall(function()
+        -- Envoy's HTTP codec sees header names before anything sees the path.
+        if underscores ~= "allow" then
+            for name in pairs(txn.http:req_get_headers()) do
+                if name:find("_", 1, true) then
+                    if underscores == "reject" then return "reject" end
+                    txn.http:req_del_header(name)
+                end
+            end
+        end
+        local path = txn.f:path() or ""
+        local new, action = normalize_path(path, normalize == "1", merge == "1", escaped)
+        if action == "reject" then return "reject" end
+        if new ~= path then txn.http:req_set_path(new) end
+        if action == "redirect" then
+            local query = txn.f:query()
+            txn:set_var("txn.meshgen_location", new .. (query and ("?" .. query) or ""))
+            return "redirect"
+        end
+        return nil
+    end)
+    if not ok then problem = "reject" end
+    if problem then txn:set_var("txn.meshgen_normalized", problem) end
+end, 4)
+
+-- ------------------------------------------------------------------------------------------
 -- Outbound: HAProxy checks the upstream's chain but cannot pin its SPIFFE ID during the
 -- handshake. This runs on the first response: the server's certificate must name one of the
 -- services the upstream is for, or the connection is closed before a byte reaches the client.
@@ -202,4 +310,4 @@ core.register_action("meshgen_verify_upstream", { "tcp-res", "http-res" }, funct
 end, 1)
 
 -- Exposed for tests run by a plain Lua interpreter (tests/test_authorize_der.py).
-return { spiffe_id = spiffe_id, caller_of = caller_of }
+return { spiffe_id = spiffe_id, caller_of = caller_of, normalize_path = normalize_path }

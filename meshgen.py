@@ -267,7 +267,8 @@ class Query(NamedTuple):
 
     def ask(self, client: "ConsulClient", extra: dict | None = None) -> "Reply":
         return client.request(self.method, self.path, dict(self.params, **(extra or {})),
-                              json.loads(self.body) if self.body else None)
+                              json.loads(self.body) if self.body else None,
+                              absent_ok=self.path.startswith(CONFIG_PATH))
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,10 @@ class ConsulClient:
     def get(self, path: str, params: dict | None = None) -> Reply:
         return self.request("GET", path, params)
 
-    def request(self, method: str, path: str, params: dict | None = None, body: dict | None = None) -> Reply:
+    def request(self, method: str, path: str, params: dict | None = None, body: dict | None = None,
+                absent_ok: bool = False) -> Reply:
+        """The decoded answer; with `absent_ok`, a 404 is an answer too: data None, and the index
+        Consul gives it, which a blocking query can wait on."""
         where = f"{method} {path}"
         url = self.prefix + path + ("?" + urlencode(params) if params else "")
         try:
@@ -336,6 +340,10 @@ class ConsulClient:
             raise AgentRefused(f"{where}: cannot reach the Consul agent at "
                                f"{self.settings.unix_socket or self.settings.base_url} "
                                f"({_one_line(type(err).__name__)})") from None
+        index = response.headers.get("X-Consul-Index")
+        index = int(index) if index and index.isdigit() else None
+        if response.status == 404 and absent_ok:
+            return Reply(None, index)
         if response.status != 200:
             error = AgentUnavailable if response.status >= 500 else AgentRefused if response.status == 429 else MeshgenError
             raise error(f"{where}: {_status_message(response.status, response.data.decode('utf-8', 'replace'))}")
@@ -343,9 +351,7 @@ class ConsulClient:
             data = json.loads(response.data)
         except ValueError as err:
             raise MeshgenError(f"{where}: malformed JSON from the Consul agent ({_one_line(str(err))})") from None
-        index = response.headers.get("X-Consul-Index")
-        return Reply(data, int(index) if index and index.isdigit() else None,
-                     response.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true")
+        return Reply(data, index, response.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true")
 
 
 def _status_message(status: int, body: str) -> str:
@@ -400,7 +406,9 @@ class AgentData:
     leaf: Reply
     intentions: Reply | AgentUnavailable   # of this service, highest precedence first; or why not
     chains: dict      # UpstreamKey -> ChainOutcome, for upstreams that follow one
-    answers: dict     # Query -> Reply or MeshgenError: each chain's, target's and prepared query's
+    answers: dict     # Query -> Reply or MeshgenError: each chain's, target's and prepared query's,
+                      # the mesh entry's (MESH_QUERY; data None where there is none)
+    mesh_unreadable: AgentUnavailable | None = None   # why the mesh entry is not in answers
 
 
 @dataclass(frozen=True)
@@ -425,6 +433,7 @@ def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstre
         leaf = pool.submit(client.get, f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}")
         intentions = pool.submit(fetch_intentions, client, service)
         chained = {u: chain_query(u) for u in upstreams if u.follows_chain}
+        mesh = pool.submit(fetch_mesh_entry, client, MESH_QUERY)
         firsts = {q: pool.submit(_attempt, fetch_chain, client, q) for q in chained.values()}
         firsts |= {q: pool.submit(_attempt, fetch_instances, client, q)
                    for q in [direct_query(u) for u in upstreams if not u.follows_chain]}
@@ -433,7 +442,12 @@ def fetch_agent_data(client: ConsulClient, service: str, upstreams: tuple[Upstre
         targets = sorted({t.query for outcome in chains.values() if outcome.chain for t in outcome.chain.targets})
         seconds = {q: pool.submit(_attempt, fetch_instances, client, q) for q in targets}
         answers.update((q, future.result()) for q, future in seconds.items())
-        return AgentData(roots.result(), leaf.result(), intentions.result(), chains, answers)
+        try:
+            answers.update([mesh.result()])
+            unreadable = None
+        except AgentUnavailable as err:
+            unreadable = err
+        return AgentData(roots.result(), leaf.result(), intentions.result(), chains, answers, unreadable)
 
 
 def _attempt(fetch, *args):
@@ -496,6 +510,26 @@ def fetch_default_decision(client: ConsulClient, service: str, caller_uri: str) 
         raise MeshgenError(f"POST {path}: expected a JSON object with a boolean Authorized")
     reason = data.get("Reason")
     return data["Authorized"], reason if isinstance(reason, str) else ""
+
+
+CONFIG_PATH = "/v1/config/"
+# The mesh-wide config entry (Consul 1.10+): request normalization and TLS versions.
+MESH_QUERY = Query("GET", CONFIG_PATH + "mesh/mesh", ())
+
+
+def fetch_mesh_entry(client: ConsulClient, query: Query, extra: dict | None = None) -> tuple[Query, Reply]:
+    """The mesh entry, data None when there is none. A Consul older than the entry (1.8.7
+    answers 500 "invalid config entry kind: mesh") has none, ever: polled, not blocked on, since
+    such an agent answers at once."""
+    try:
+        reply = query.ask(client, extra)
+    except AgentUnavailable as err:
+        if "invalid config entry kind" not in str(err):
+            raise
+        return query._replace(blocks=False), Reply(None, None)
+    if reply.data is not None and not isinstance(reply.data, dict):
+        raise MeshgenError(f"GET {query.path}: expected a JSON object")
+    return query, reply
 
 
 CHAIN_PATH = "/v1/discovery-chain/"
@@ -589,16 +623,18 @@ class WatchState:
     kept_chains: dict          # str(Query) -> the chain answer each upstream followed
     kept_instances: dict       # str(Query) -> [[address, weight, service], ...] each target had
     skipped: list              # what this run left out, one line each (for `status`)
+    mesh_seen: list | None = None  # [the mesh entry, or None for none]: kept in force while unreadable
 
     @classmethod
     def of_run(cls, proxy_id: str, registration: dict, sidecar: Sidecar, data: AgentData,
                intentions: tuple[int, list, list], upstreams: "ModelledUpstreams",
                loaded_bundle: str) -> "WatchState":
+        mesh = [reply.data for query, reply in data.answers.items() if query.path == MESH_QUERY.path]
         return cls(proxy_id, sidecar.service, str(registration.get("ContentHash", "")),
                    data.roots.index or 0, str(data.roots.data.get("ActiveRootID", "")), data.leaf.index or 0,
                    {str(query): _marker(query, reply) for query, reply in sorted(data.answers.items())},
                    *intentions, sidecar.max_connection_lifetime_ms, loaded_bundle,
-                   upstreams.kept_chains, upstreams.kept_instances, list(upstreams.skipped))
+                   upstreams.kept_chains, upstreams.kept_instances, list(upstreams.skipped), mesh or None)
 
 
 def _marker(query: Query, reply: Reply | MeshgenError):
@@ -761,6 +797,8 @@ def _fixed_watches(client: "ConsulClient", state: WatchState) -> list:
 
 
 def _query_fetch(query: Query):
+    if query.path.startswith(CONFIG_PATH):
+        return lambda client, query, extra=None: fetch_mesh_entry(client, query, extra)[1]
     return fetch_chain if query.path.startswith(CHAIN_PATH) else fetch_instances
 
 
@@ -1125,6 +1163,7 @@ class Backend:
     request_timeout_ms: int | None = None    # a route's RequestTimeout: HTTP's timeout server
     instances: tuple[Instance, ...] = ()
     about: tuple[str, ...] = ()          # haproxy.cfg's comment: the targets, unless the default one
+    balance: "Balance" = None            # as the resolver's LoadBalancer says; None: round robin
 
 
 @dataclass(frozen=True)
@@ -1230,6 +1269,8 @@ class Sidecar(_Speaks):
     stats_bind: str | None
     upstreams: tuple[Upstream, ...]
     expose_paths: tuple[ExposePath, ...]
+    # The mesh config entry's settings (defined below, with the entry): Consul's defaults until read.
+    mesh: "MeshEntry" = dataclasses.field(default_factory=lambda: MeshEntry())
 
     @property
     def app_response_timeout_ms(self) -> int:
@@ -1492,6 +1533,7 @@ class ChainResolver:
     connect_timeout_ms: int
     request_timeout_ms: int | None = None    # Consul 1.15+: for routes that set none
     unapplied: tuple[str, ...] = ()          # what it asks that meshgen does not render
+    balance: "Balance | None" = None         # its LoadBalancer; None: round robin
 
 
 @dataclass(frozen=True)
@@ -1572,8 +1614,47 @@ def parse_chain(data: dict, upstream: Upstream) -> Chain:
 UNAPPLIED_DESTINATION = ("RequestHeaders", "ResponseHeaders", "RetryOn", "IdleTimeout")
 
 
+@dataclass(frozen=True)
+class Balance:
+    """How a backend picks an instance, from a resolver's LoadBalancer."""
+    algorithm: str              # leastconn, random, or by a hash of: header, query, cookie, source
+    key: str = ""               # the header's, query parameter's or cookie's name
+
+
+# Envoy's load-balancing policies that HAProxy has an equivalent of. least_request: Envoy
+# picks the less busy of two random hosts, leastconn the least busy of all. random: one draw
+# (HAProxy's plain random draws two and takes the less busy). ring_hash and maglev: a
+# consistent hash of what the one hash policy names.
+_BALANCE = {"least_request": "leastconn", "random": "random"}
+_HASH_FIELDS = {"header": "header", "query_parameter": "query", "cookie": "cookie"}
+
+
+def parse_load_balancer(raw, name: str, field: str) -> tuple[Balance | None, tuple[str, ...]]:
+    """The node's LoadBalancer: how to balance, or what of it is not applied."""
+    raw = _object(raw, field)
+    policy = raw.get("Policy") or "round_robin"
+    if not isinstance(policy, str):
+        raise MeshgenError(f"{field}.Policy: {_safe_reason(str(policy))!r} is not a policy name")
+    if policy == "round_robin":
+        return None, ()
+    if policy in _BALANCE:
+        return Balance(_BALANCE[policy]), ()
+    not_applied = (f"{name}: LoadBalancer policy {_safe_reason(str(policy))!r} is not applied (HAProxy balances round robin)",)
+    hashes = _list(raw.get("HashPolicies"), f"{field}.HashPolicies")
+    if policy not in ("ring_hash", "maglev") or len(hashes) != 1 or not isinstance(hashes[0], dict):
+        return None, not_applied
+    rule = hashes[0]
+    if rule.get("SourceIP") is True:
+        return Balance("source"), ()
+    kind, key = _HASH_FIELDS.get(rule.get("Field")) if isinstance(rule.get("Field"), str) else None, rule.get("FieldValue")
+    if kind is None or rule.get("CookieConfig") or not isinstance(key, str) or not _HEADER_NAME.fullmatch(key):
+        return None, not_applied     # Envoy makes the cookie it hashes on; HAProxy does not
+    return Balance(kind, key), ()
+
+
 def parse_resolver(name: str, raw: dict, targets: dict, field: str) -> ChainResolver:
-    field = f"{field}.Nodes[{name}].Resolver"
+    node_field = f"{field}.Nodes[{name}]"
+    field = f"{node_field}.Resolver"
     resolver = raw.get("Resolver")
     if not isinstance(resolver, dict):
         raise MeshgenError(f"{field}: not an object")
@@ -1582,14 +1663,12 @@ def parse_resolver(name: str, raw: dict, targets: dict, field: str) -> ChainReso
         raise MeshgenError(f"{field}.Failover: not an object")
     ids = [resolver.get("Target")] + _list(failover.get("Targets"), f"{field}.Failover.Targets")
     timeout, request_timeout = resolver.get("ConnectTimeout"), resolver.get("RequestTimeout")
-    policy = resolver.get("LoadBalancer")
-    policy = policy.get("Policy") if isinstance(policy, dict) else None
-    unapplied = () if policy in (None, "", "round_robin") else (
-        f"{name}: LoadBalancer policy {_safe_reason(str(policy))!r} is not applied (HAProxy balances round robin)",)
+    # Consul (1.9+) compiles a resolver's LoadBalancer onto the chain node, beside Resolver.
+    balance, unapplied = parse_load_balancer(raw.get("LoadBalancer"), name, f"{node_field}.LoadBalancer")
     return ChainResolver(name, tuple(parse_target(target_id, targets, field) for target_id in ids),
                          check_duration_ms(timeout, f"{field}.ConnectTimeout") if timeout else 5000,
                          check_duration_ms(request_timeout, f"{field}.RequestTimeout") or None
-                         if request_timeout else None, unapplied)
+                         if request_timeout else None, unapplied, balance)
 
 
 def parse_target(target_id, targets: dict, field: str) -> Target:
@@ -1618,7 +1697,7 @@ def parse_route(raw, field: str, label: str, splits) -> ChainRoute:
     http = match.get("HTTP") or {} if isinstance(match, dict) else None
     if not isinstance(http, dict):
         raise MeshgenError(f"{field}.Definition.Match: not an object with an HTTP object")
-    matches = http_matches(http, f"{field}.Definition.Match.HTTP", query_params=True)
+    matches = http_matches(http, f"{field}.Definition.Match.HTTP", route=True)
     if matches == (Match("path", "prefix", ("/",)),):
         matches = ()        # Consul's catch-all
     destination = definition.get("Destination") or {}
@@ -1632,8 +1711,8 @@ def parse_route(raw, field: str, label: str, splits) -> ChainRoute:
         path = next((m for m in matches if m.subject == "path" and m.how in ("prefix", "exact")), None)
         if path is None:
             raise MeshgenError(f"{dfield}.PrefixRewrite: needs a PathPrefix or PathExact match")
-        literal = re.escape(path.values[0])
-        rewrite = (f"^{literal}(.*)", rewrite + "\\1") if path.how == "prefix" else (f"^{literal}$", rewrite)
+        literal = ("(?i)" if path.ignore_case else "") + "^" + re.escape(path.values[0])
+        rewrite = (f"{literal}(.*)", rewrite + "\\1") if path.how == "prefix" else (f"{literal}$", rewrite)
     timeout = destination.get("RequestTimeout")
     return ChainRoute(matches, tuple(splits(raw.get("NextNode"))), rewrite,
                       check_duration_ms(timeout, f"{dfield}.RequestTimeout") or None if timeout else None,
@@ -1713,7 +1792,7 @@ def _chain_backends(upstream: Upstream, chain: Chain, instances: dict) -> Upstre
                 f"{', '.join(ids[1:])} that has one: its instances are the servers.")
             backends[key] = Backend(
                 name, resolver.connect_timeout_ms, tuple(sorted({t.service for t in resolver.targets})),
-                ids, serving, route.retries, request_timeout, servers, about)
+                ids, serving, route.retries, request_timeout, servers, about, resolver.balance)
         return backends[key].name
 
     routes = []
@@ -1915,6 +1994,9 @@ def _issued_by(cert, issuer) -> bool:
         return False
 
 
+_SPIFFE_ID = re.compile(r"spiffe://[A-Za-z0-9.-]{1,253}(/[A-Za-z0-9._-]{1,128}){1,10}")
+
+
 def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -1925,6 +2007,8 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
         raise MeshgenError(f"leaf certificate: has {len(uris)} URI SANs, want exactly one SPIFFE ID")
+    if not _SPIFFE_ID.fullmatch(uris[0]):     # haproxy.cfg prints it (X-Forwarded-Client-Cert's By)
+        raise MeshgenError(f"leaf certificate: SPIFFE ID {_safe_reason(uris[0])!r} has characters no Consul name has")
     parts = urlsplit(uris[0])
     match = re.fullmatch(r"(?:/ap/[^/]+)?/ns/[^/]+/dc/[^/]+/svc/([^/]+)", parts.path)
     if parts.scheme != "spiffe" or not match or match.group(1) != service:
@@ -1964,16 +2048,20 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _METHOD = re.compile(r"[A-Z]{1,16}")
 _PATH_MATCHES = (("PathExact", "exact"), ("PathPrefix", "prefix"), ("PathRegex", "regex"))
 _HEADER_MATCHES = (("Exact", "exact"), ("Prefix", "prefix"), ("Suffix", "suffix"), ("Regex", "regex"))
+# An intention's header condition may also look for a part of the value, and ignore case
+# (Consul 1.20.1+, CVE-2024-10006); a route's may not.
+_PERMISSION_HEADER_MATCHES = _HEADER_MATCHES + (("Contains", "contains"),)
 
 
 @dataclass(frozen=True)
 class Match:
     """One condition of an HTTP permission or route, finished for haproxy.cfg to print."""
     subject: str                 # path, method, header or query (a query parameter)
-    how: str                     # exact, prefix, suffix, regex, present; any (of the methods)
+    how: str                     # exact, prefix, suffix, contains, regex, present; any (of the methods)
     values: tuple[str, ...]      # printable ASCII without "'"; a regex is anchored, as Envoy's
     header: str = ""             # the header's or query parameter's name
     invert: bool = False
+    ignore_case: bool = False    # ASCII letters in either case, as Envoy's ignore_case
 
 
 @dataclass(frozen=True)
@@ -2033,6 +2121,20 @@ def _quotable(value, field: str) -> str:
     return value
 
 
+# HAProxy ends an inline ACL at any word "}", quoted or not; every other value is safe after
+# "--", which ends the ACL's flags (a leading "-" would be read as one).
+_ACL_END_AS_REGEX = {"exact": "^[}]$", "prefix": "^[}]", "suffix": "[}]$", "contains": "[}]"}
+
+
+def _literal_match(subject: str, how: str, value, field: str, **options) -> Match:
+    """A path, header or query parameter condition on one value, in a form HAProxy reads as
+    that value whatever its characters."""
+    value = _pattern(how, value, field)
+    if value == "}" and how in _ACL_END_AS_REGEX:
+        how, value = "regex", _ACL_END_AS_REGEX[how]
+    return Match(subject, how, (value,), **options)
+
+
 def _pattern(how: str, value, field: str) -> str:
     value = _quotable(value, field)
     if how != "regex":
@@ -2047,16 +2149,21 @@ def _pattern(how: str, value, field: str) -> str:
 def parse_permission(raw, field: str) -> tuple[str, tuple[Match, ...]]:
     if not isinstance(raw, dict) or raw.get("Action") not in ("allow", "deny"):
         raise MeshgenError(f"{field}.Action: must be allow or deny")
+    if raw.get("JWT"):
+        # Envoy lets such a permission match only with a valid token; HAProxy cannot check one.
+        raise MeshgenError(f"{field}.JWT: meshgen cannot verify JSON Web Tokens")
     http = raw.get("HTTP") or {}
     if not isinstance(http, dict):
         raise MeshgenError(f"{field}.HTTP: not an object")
     return raw["Action"], http_matches(http, f"{field}.HTTP")
 
 
-def http_matches(http: dict, field: str, query_params: bool = False) -> tuple[Match, ...]:
-    """The conditions of an intention's permission or a router's route (which may also match
-    query parameters): path, methods, headers."""
-    matches = [Match("path", how, (_pattern(how, http[key], f"{field}.{key}"),))
+def http_matches(http: dict, field: str, route: bool = False) -> tuple[Match, ...]:
+    """The conditions of an intention's permission or a router's route: path, methods, headers;
+    a route may also match query parameters, and paths regardless of case (but for a regex, as
+    Envoy's case_sensitive, which Consul sets from CaseInsensitive)."""
+    path_ignore_case = route and _bool(http.get("CaseInsensitive"), f"{field}.CaseInsensitive")
+    matches = [_literal_match("path", how, http[key], f"{field}.{key}", ignore_case=path_ignore_case and how != "regex")
                for key, how in _PATH_MATCHES if http.get(key)]
     methods = _list(http.get("Methods"), f"{field}.Methods")
     for i, method in enumerate(methods):
@@ -2064,9 +2171,9 @@ def http_matches(http: dict, field: str, query_params: bool = False) -> tuple[Ma
             raise MeshgenError(f"{field}.Methods[{i}]: {method!r} is not an HTTP method")
     if methods:
         matches.append(Match("method", "any", tuple(methods)))
-    matches += [_header_match(header, f"{field}.Header[{i}]")
+    matches += [_header_match(header, f"{field}.Header[{i}]", route)
                 for i, header in enumerate(_list(http.get("Header"), f"{field}.Header"))]
-    if query_params:
+    if route:
         matches += [_query_match(param, f"{field}.QueryParam[{i}]")
                     for i, param in enumerate(_list(http.get("QueryParam"), f"{field}.QueryParam"))]
     elif http.get("QueryParam"):
@@ -2078,11 +2185,15 @@ def _query_match(raw, field: str) -> Match:
     return _named_match(raw, field, "query", _QUERY_MATCHES)
 
 
-def _header_match(raw, field: str) -> Match:
-    return _named_match(raw, field, "header", _HEADER_MATCHES)
+def _header_match(raw, field: str, route: bool) -> Match:
+    if route:
+        return _named_match(raw, field, "header", _HEADER_MATCHES)
+    # Envoy ignores ignore_case for a regex, and it means nothing for Present.
+    ignore_case = isinstance(raw, dict) and _bool(raw.get("IgnoreCase"), f"{field}.IgnoreCase")
+    return _named_match(raw, field, "header", _PERMISSION_HEADER_MATCHES, ignore_case)
 
 
-def _named_match(raw, field: str, subject: str, kinds: tuple) -> Match:
+def _named_match(raw, field: str, subject: str, kinds: tuple, ignore_case: bool = False) -> Match:
     """A header's or query parameter's condition: its name, and exactly one way to match it."""
     if not isinstance(raw, dict):
         raise MeshgenError(f"{field}: not an object")
@@ -2095,8 +2206,11 @@ def _named_match(raw, field: str, subject: str, kinds: tuple) -> Match:
     if len(found) != 1:
         raise MeshgenError(f"{field}: needs exactly one of Present, {', '.join(key for key, _ in kinds)}")
     key, how = found[0]
-    values = () if how == "present" else (_pattern(how, raw[key], f"{field}.{key}"),)
-    return Match(subject, how, values, header=name, invert=subject == "header" and raw.get("Invert") is True)
+    invert = subject == "header" and raw.get("Invert") is True
+    if how == "present":
+        return Match(subject, how, (), header=name, invert=invert)
+    return _literal_match(subject, how, raw[key], f"{field}.{key}", header=name, invert=invert,
+                          ignore_case=ignore_case and how != "regex")
 
 
 def parse_intention(entry, field: str) -> Intention:
@@ -2219,6 +2333,132 @@ def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_re
     # answer is that only while no wildcard intention weighs in on it, and unknown otherwise.
     wildcard = any(key.endswith("/*") for key in named)
     return Intentions(tuple(decisions), tuple(rules.values()), unmatched="deny" if wildcard else agent_verdict)
+
+
+# =========================================================================== mesh config entry
+#
+# The mesh entry's HTTP.Incoming.RequestNormalization (Consul 1.20.1+, CVE-2024-10005) says what
+# Consul has Envoy do to each request on the public listener before anything reads it: the L7
+# intentions decide on, and the app gets, the normalized request. With no entry, and on a Consul
+# older than the entry (1.8.7), Consul's defaults apply: the path normalized as RFC 3986 says,
+# nothing more. Consul leaves upstream listeners alone (Envoy's own default: no normalization),
+# and so does meshgen. docs/http.md gives the exact semantics.
+
+_ESCAPED_SLASHES = {"IMPLEMENTATION_SPECIFIC_DEFAULT": "keep", "KEEP_UNCHANGED": "keep", "REJECT_REQUEST": "reject",
+                    "UNESCAPE_AND_REDIRECT": "redirect", "UNESCAPE_AND_FORWARD": "forward"}
+_UNDERSCORES = {"ALLOW": "allow", "REJECT_REQUEST": "reject", "DROP_HEADER": "drop"}
+
+
+@dataclass(frozen=True)
+class RequestNormalization:
+    """What the public listener does to a request before its rules read it (HTTP only)."""
+    path: bool = True               # RFC 3986: unreserved characters decoded, dot segments removed
+    merge_slashes: bool = False
+    escaped_slashes: str = "keep"   # %2F and %5C: keep, reject (400), redirect (307) or forward unescaped
+    underscores: str = "allow"      # a header whose name has "_": allow, reject (400) or drop
+
+    @property
+    def changes_requests(self) -> bool:
+        return self != RequestNormalization(path=False)
+
+
+# The mesh entry's TLS.Incoming (the public listener) and TLS.Outgoing (every upstream
+# connection), as Consul gives them to Envoy; TLS_AUTO or unset leaves HAProxy's defaults.
+_TLS_VERSIONS = {"TLS_AUTO": "", "TLSv1_0": "TLSv1.0", "TLSv1_1": "TLSv1.1", "TLSv1_2": "TLSv1.2", "TLSv1_3": "TLSv1.3"}
+# Consul's cipher suite names (TLS 1.2 and earlier), as OpenSSL names them.
+_CIPHER_SUITES = {
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+}
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """One direction's TLS versions and TLS 1.2 cipher suites, in HAProxy's names; empty: HAProxy's."""
+    min_version: str = ""
+    max_version: str = ""
+    ciphers: str = ""           # OpenSSL's cipher list, colon-separated
+
+
+@dataclass(frozen=True)
+class MeshEntry:
+    normalization: RequestNormalization = RequestNormalization()
+    incoming_tls: TLSSettings = TLSSettings()
+    outgoing_tls: TLSSettings = TLSSettings()
+    # HTTP.SanitizeXForwardedClientCert: the app gets no X-Forwarded-Client-Cert at all.
+    sanitize_client_cert: bool = False
+
+
+def _object(value, field: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MeshgenError(f"{field}: not an object")
+    return value
+
+
+def _bool(value, field: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise MeshgenError(f"{field}: {value!r} is not true or false")
+    return value
+
+
+def _enum(value, choices: dict, field: str) -> str:
+    if value is None or value == "":
+        return next(iter(choices.values()))
+    if not isinstance(value, str) or value not in choices:
+        raise MeshgenError(f"{field}: {_safe_reason(str(value))!r} is not one of {', '.join(choices)}")
+    return choices[value]
+
+
+def parse_mesh_entry(data: dict | None) -> MeshEntry:
+    """The mesh entry as GET /v1/config/mesh/mesh returns it, or None when there is none."""
+    tls = _object(_object(data, "mesh entry").get("TLS"), "mesh entry TLS")
+    http = _object(_object(data, "mesh entry").get("HTTP"), "mesh entry HTTP")
+    return MeshEntry(_request_normalization(data), _tls_settings(tls, "Incoming"), _tls_settings(tls, "Outgoing"),
+                     _bool(http.get("SanitizeXForwardedClientCert"), "mesh entry HTTP.SanitizeXForwardedClientCert"))
+
+
+def _tls_settings(tls: dict, direction: str) -> TLSSettings:
+    field = f"mesh entry TLS.{direction}"
+    raw = _object(tls.get(direction), field)
+    low, high = (_TLS_VERSIONS[_enum(raw.get(key), dict(zip(_TLS_VERSIONS, _TLS_VERSIONS)), f"{field}.{key}")]
+                 for key in ("TLSMinVersion", "TLSMaxVersion"))
+    if low and high and low > high:
+        raise MeshgenError(f"{field}: TLSMinVersion {low} is above TLSMaxVersion {high}")
+    suites = _list(raw.get("CipherSuites"), f"{field}.CipherSuites")
+    for i, suite in enumerate(suites):
+        if not isinstance(suite, str) or suite not in _CIPHER_SUITES:
+            raise MeshgenError(f"{field}.CipherSuites[{i}]: {_safe_reason(str(suite))!r} is not a cipher suite Consul names")
+    return TLSSettings(low, high, ":".join(_CIPHER_SUITES[suite] for suite in suites))
+
+
+def _request_normalization(data: dict | None) -> RequestNormalization:
+    field = "mesh entry HTTP.Incoming.RequestNormalization"
+    http = _object(_object(data, "mesh entry").get("HTTP"), "mesh entry HTTP")
+    raw = _object(_object(http.get("Incoming"), "mesh entry HTTP.Incoming").get("RequestNormalization"), field)
+    return RequestNormalization(
+        path=not _bool(raw.get("InsecureDisablePathNormalization"), f"{field}.InsecureDisablePathNormalization"),
+        merge_slashes=_bool(raw.get("MergeSlashes"), f"{field}.MergeSlashes"),
+        escaped_slashes=_enum(raw.get("PathWithEscapedSlashesAction"), _ESCAPED_SLASHES,
+                              f"{field}.PathWithEscapedSlashesAction"),
+        underscores=_enum(raw.get("HeadersWithUnderscoresAction"), _UNDERSCORES,
+                          f"{field}.HeadersWithUnderscoresAction"))
+
+
+def with_mesh(sidecar: Sidecar, answers: dict) -> Sidecar:
+    reply = next(reply for query, reply in answers.items() if query.path == MESH_QUERY.path)
+    return dataclasses.replace(sidecar, mesh=parse_mesh_entry(reply.data))
 
 
 # =========================================================================== render
@@ -2413,12 +2653,12 @@ def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, intenti
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
         lstrip_blocks=True, autoescape=False, bytecode_cache=_compiled_templates())
     lua = resource("authorize.lua").read_bytes()
-    files = render_templates(environment, sidecar, certs.trust_domain, intentions, str(bundle_dir), admin_socket)
+    files = render_templates(environment, sidecar, certs, intentions, str(bundle_dir), admin_socket)
     files |= {"roots.pem": certs.roots_pem.encode(), "leaf.pem": certs.leaf_pem.encode(), "authorize.lua": lua}
     # What a live change cannot alter, rendered again without the servers and with every path
     # in the bundle the same: two bundles whose digests match differ only where the runtime API
     # reaches (servers, CA roots, leaf, intentions.map).
-    fixed = render_templates(environment, without_instances(sidecar), certs.trust_domain, intentions,
+    fixed = render_templates(environment, without_instances(sidecar), certs, intentions,
                              FIXED_BUNDLE_PATH, admin_socket)
     del fixed[INTENTIONS_MAP]
     files[MANIFEST] = manifest_of(sidecar, certs, intentions, str(bundle_dir),
@@ -2426,9 +2666,9 @@ def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, intenti
     return Bundle(bundle_dir.name, files)
 
 
-def render_templates(environment: jinja2.Environment, sidecar: Sidecar, trust_domain: str,
+def render_templates(environment: jinja2.Environment, sidecar: Sidecar, certs: Certificates,
                      intentions: "Intentions", bundle: str, admin_socket: Path) -> dict:
-    values = dict(sidecar=sidecar, trust_domain=trust_domain, intentions=intentions,
+    values = dict(sidecar=sidecar, trust_domain=certs.trust_domain, spiffe_id=certs.spiffe_id, intentions=intentions,
                   bundle=bundle, admin_socket=str(admin_socket), intentions_map=INTENTIONS_MAP,
                   callers_map=CALLERS_MAP,
                   server_options={u.proxy_name: upstream_server_options(u, bundle) for u in sidecar.upstreams})
@@ -3196,11 +3436,14 @@ def _fetch_model(client: ConsulClient, proxy_id: str, previous: WatchState | Non
     sidecar = parse_registration(registration, proxy_id)
     previous = previous if previous is not None and previous.service == sidecar.service else None
     data = fetch_agent_data(client, sidecar.service, sidecar.upstreams, previous.kept_chains if previous else {})
+    notes = ()
+    if data.mesh_unreadable is not None:
+        data, notes = _last_mesh_entry(data, previous)
     certs = check_certificates(data.roots.data, data.leaf.data, sidecar.service, dt.datetime.now(dt.timezone.utc))
     upstreams = model_upstreams(sidecar, data, previous, certs.datacenter)
-    sidecar = upstreams.sidecar
-    notes = tuple(f"upstream {key.name}: {text}" for key, outcome in sorted(data.chains.items()) if outcome.chain
-                  for text in outcome.chain.unapplied)
+    sidecar = with_mesh(upstreams.sidecar, data.answers)
+    notes += tuple(f"upstream {key.name}: {text}" for key, outcome in sorted(data.chains.items()) if outcome.chain
+                   for text in outcome.chain.unapplied)
     field = f"intentions of {sidecar.service}"
     try:
         if isinstance(data.intentions, AgentUnavailable):
@@ -3219,6 +3462,21 @@ def _fetch_model(client: ConsulClient, proxy_id: str, previous: WatchState | Non
                              loaded_bundle="")
     return Model(sidecar, certs, decide(listed, sidecar.http, *unnamed), seen, notes,
                  upstreams.skipped + bad_intentions)
+
+
+def _last_mesh_entry(data: AgentData, previous: WatchState | None) -> tuple[AgentData, tuple[str, ...]]:
+    """Fail static: with the agent's servers out of reach (the mesh entry is not cached; 1.8.7
+    cannot even say that it has no such kind), the entry the last run saw, at its marker."""
+    err = data.mesh_unreadable
+    seen = [(Query.parse(text), marker) for text, marker in (previous.queries if previous else {}).items()
+            if Query.parse(text).path == MESH_QUERY.path]
+    if not seen or previous.mesh_seen is None:
+        raise MeshgenError(f"{err}; no earlier run saw the mesh config entry")
+    (query, marker), = seen
+    answers = dict(data.answers)
+    answers[query] = Reply(previous.mesh_seen[0], marker if query.blocks else None)
+    return dataclasses.replace(data, answers=answers, mesh_unreadable=None), (
+        f"mesh entry: {_one_line(str(err))}: the last one seen stays in force",)
 
 
 class MeshgenGroup(click.Group):

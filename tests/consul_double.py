@@ -561,9 +561,27 @@ class ConsulDouble:
         one, which has Permissions and no Action (1.9+)."""
         if l7 and permissions is None:
             permissions = [{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]
+        self._check_permissions(permissions or [])
         with self.lock:
             self._set_intentions([i for i in self.intentions if (i[0], i[1]) != (source, destination)]
                                  + [(source, destination, action, permissions)])
+
+    _HEADER_KINDS = ("Present", "Exact", "Prefix", "Suffix", "Contains", "Regex")   # Contains: 1.20.1+
+
+    @classmethod
+    def _check_permissions(cls, permissions: list) -> None:
+        """Consul 1.22's validation of an L7 intention's HTTP permissions, for what they match on."""
+        for i, permission in enumerate(permissions):
+            http = permission.get("HTTP") or {}
+            if len([key for key in ("PathExact", "PathPrefix", "PathRegex") if http.get(key)]) > 1:
+                raise ValueError(f"Permissions[{i}].HTTP should only contain at most one of PathExact, PathPrefix, or PathRegex")
+            for key in ("PathExact", "PathPrefix"):
+                if http.get(key) and not http[key].startswith("/"):
+                    raise ValueError(f"Permissions[{i}].HTTP.{key} doesn't start with '/': {http[key]!r}")
+            for j, header in enumerate(http.get("Header") or []):
+                if len([kind for kind in cls._HEADER_KINDS if header.get(kind)]) != 1:
+                    raise ValueError(f"Permissions[{i}].HTTP.Header[{j}] should only contain one of "
+                                     + ", ".join(cls._HEADER_KINDS))
 
     def delete_intention(self, source: str, destination: str) -> None:
         with self.lock:
@@ -993,7 +1011,39 @@ class ConsulDouble:
     # from them (docs/consul-reference.md, the discovery chain): resolvers (subsets, default subset, redirect, failover, connect
     # timeout), splitters and routers, for one datacenter and the default namespace.
 
+    # The mesh entry's RequestNormalization enums, as Consul 1.22 validates them on write.
+    _MESH_ENUMS = {"PathWithEscapedSlashesAction": ("", "IMPLEMENTATION_SPECIFIC_DEFAULT", "KEEP_UNCHANGED",
+                                                    "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT", "UNESCAPE_AND_FORWARD"),
+                   "HeadersWithUnderscoresAction": ("", "ALLOW", "REJECT_REQUEST", "DROP_HEADER")}
+
+    _TLS_VERSIONS = ("", "TLS_AUTO", "TLSv1_0", "TLSv1_1", "TLSv1_2", "TLSv1_3")
+
+    def _check_mesh(self, entry: dict) -> None:
+        """Consul 1.22's MeshConfigEntry.Validate for what the double models (one entry, named mesh)."""
+        for direction in ("Incoming", "Outgoing"):
+            tls = (entry.get("TLS") or {}).get(direction) or {}
+            low, high = tls.get("TLSMinVersion", ""), tls.get("TLSMaxVersion", "")
+            for version in (low, high):
+                if version not in self._TLS_VERSIONS:
+                    raise HTTPError(500, f"error in {direction.lower()} TLS configuration: "
+                                         f"no matching TLS version found for {version}")
+            if low.startswith("TLSv") and high.startswith("TLSv") and low > high:
+                raise HTTPError(500, f"error in {direction.lower()} TLS configuration: TLSMinVersion "
+                                     f"{low} cannot be higher than TLSMaxVersion {high}")
+            if tls.get("CipherSuites") and low == "TLSv1_3":
+                raise HTTPError(500, f"error in {direction.lower()} TLS configuration: configuring CipherSuites "
+                                     "is only applicable to connections negotiated with TLS 1.2 or earlier, "
+                                     "TLSMinVersion is set to TLSv1_3")
+        normalization = ((entry.get("HTTP") or {}).get("Incoming") or {}).get("RequestNormalization") or {}
+        for key, allowed in self._MESH_ENUMS.items():
+            if normalization.get(key, "") not in allowed:
+                raise HTTPError(500, "error in HTTP incoming request normalization configuration: "
+                                     f"no matching {key} value found for {normalization[key]}")
+
     def set_config(self, entry: dict) -> None:
+        if entry["Kind"] == "mesh":
+            self._check_mesh(entry)
+            entry = dict(entry, Name="mesh")      # there is one; Consul names it so
         kind, name = entry["Kind"], entry["Name"]
         if kind in ("service-splitter", "service-router") and self._protocol(name) == "tcp":
             raise HTTPError(500, f'discovery chain "{name}" uses a protocol "tcp" that does not permit '
@@ -1012,7 +1062,7 @@ class ConsulDouble:
     def _config_put_ep(self, _, query, secret, body):
         self._require(self._token(secret), "", "write")
         entry = json.loads(body or b"{}")
-        if not entry.get("Kind") or not entry.get("Name"):
+        if not entry.get("Kind") or not entry.get("Name") and entry.get("Kind") != "mesh":
             raise HTTPError(400, "Request decoding failed: Kind and Name are required")
         self.set_config(entry)
         return 200, True, {}
@@ -1023,8 +1073,9 @@ class ConsulDouble:
             self._require(self._token(secret), "", "write")
             self.delete_config(kind, name)
             return 200, True, {}
+        self._block(lambda: self.config_index, query)     # a blocking query, present or not
         if (kind, name) not in self.config_entries:
-            raise HTTPError(404, f"Config entry not found for {kind!r} / {name!r}")
+            raise HTTPError(404, f"Config entry not found for {kind!r} / {name!r}", _meta(self.config_index))
         return 200, self.config_entries[kind, name], _meta(self.config_index)
 
     def _protocol(self, service: str) -> str:
@@ -1119,6 +1170,8 @@ class _ChainCompiler:
                                             for dc in failover.get("Datacenters") or [self.dc]]}
         name = f"resolver:{target}"
         self.nodes[name] = {"Type": "resolver", "Name": target, "Resolver": body}
+        if resolver.get("LoadBalancer"):     # Consul 1.9+ puts it on the node, not in Resolver
+            self.nodes[name]["LoadBalancer"] = resolver["LoadBalancer"]
         return name
 
     def target(self, service: str, subset: str, dc: str | None = None) -> str:
@@ -1346,12 +1399,16 @@ def _handler_for(agent: ConsulDouble):
                 return
             try:
                 status, payload, extra = agent.handle(method, parts.path, query, headers, body)
-                if agent.after_answer is not None:
-                    agent.after_answer(method, parts.path)
+                self._answered(method, parts.path)
                 data = payload if isinstance(payload, bytes) else _encode(payload, "pretty" in query)
                 self._send(status, data, "application/json", extra)
             except HTTPError as err:
+                self._answered(method, parts.path)
                 self._send(err.status, err.body.encode(), "text/plain; charset=utf-8", err.headers)
+
+        def _answered(self, method: str, path: str) -> None:
+            if agent.after_answer is not None:
+                agent.after_answer(method, path)
 
         def _send(self, status, data, content_type, extra):
             self.send_response(status)

@@ -407,3 +407,27 @@ def test_a_new_connection_from_a_reused_port_gets_its_own_lifetime(double, start
     assert result.waited_out
     assert lived and 3.0 <= lived[0] < 6, lived       # its own three seconds, not what was left of the first's
     second.close()
+
+
+# Values HAProxy's ACL parser would read as flags ("-i", "-beta", "--"), as the end of an
+# inline ACL ("}"), or as two words: each must decide exactly the requests that carry it.
+HOSTILE_VALUES = ["-i", "-beta", "}", "--", "a b"]
+
+
+def test_l7_values_that_look_like_haproxy_syntax_decide_exactly_their_requests(double, start_sidecar):
+    double.set_intention("api", "web", "allow", permissions=[
+        *({"Action": "deny", "HTTP": {"Header": [{"Name": "X-Env", "Exact": value}]}} for value in HOSTILE_VALUES),
+        {"Action": "deny", "HTTP": {"Header": [{"Name": "X-Tail", "Suffix": "}"}]}},
+        {"Action": "deny", "HTTP": {"Header": [{"Name": "X-Head", "Prefix": "-i"}]}},
+        {"Action": "allow", "HTTP": {"PathPrefix": "/"}},
+    ])
+    sidecar = start_sidecar({"protocol": "http"})
+    context = sidecar.identity("api").context()
+    denied = [{"X-Env": value} for value in HOSTILE_VALUES] + [
+        {"x-env": "-i"}, {"X-Tail": "a}"}, {"X-Tail": "}"}, {"X-Head": "-i"}, {"X-Head": "-ix"}]
+    allowed = [{}, {"X-Env": "i"}, {"X-Env": "-I"}, {"X-Env": "beta"}, {"X-Env": "-beta2"}, {"X-Env": "}}"},
+               {"X-Env": "{"}, {"X-Env": "-"}, {"X-Env": "a"}, {"X-Env": "b"}, {"X-Env": "a  b"},
+               {"X-Tail": "}a"}, {"X-Head": "x-i"}, {"X-Head": "-"}]
+    statuses = {repr(headers): request_status(sidecar.port, context, "GET", "/", headers)
+                for headers in denied + allowed}
+    assert statuses == {**{repr(h): 403 for h in denied}, **{repr(h): 200 for h in allowed}}

@@ -88,6 +88,20 @@ FAULTS = {
     "leaf key mismatch": (lambda d: d.inject(LEAF, body=leaf_json(d, PrivateKeyPEM=other_key_pem())), "PrivateKeyPEM does not match"),
     "leaf of another service": (lambda d: d.inject(LEAF, body=leaf_json(d, "billing")), "is not one of service 'www'"),
     "leaf from another CA": (lambda d: d.inject(LEAF, body=foreign_leaf(d)), "trust domain"),
+    "mesh entry action unknown": (lambda d: d.inject("/v1/config/mesh/mesh", body=json.dumps(
+        {"Kind": "mesh", "HTTP": {"Incoming": {"RequestNormalization": {"PathWithEscapedSlashesAction": "DECODE"}}}})),
+        "mesh entry HTTP.Incoming.RequestNormalization.PathWithEscapedSlashesAction: 'DECODE' is not one of"),
+    "mesh entry flag mistyped": (lambda d: d.inject("/v1/config/mesh/mesh", body=json.dumps(
+        {"Kind": "mesh", "HTTP": {"Incoming": {"RequestNormalization": {"MergeSlashes": "yes"}}}})),
+        "mesh entry HTTP.Incoming.RequestNormalization.MergeSlashes: 'yes' is not true or false"),
+    "mesh entry cipher unknown": (lambda d: d.inject("/v1/config/mesh/mesh", body=json.dumps(
+        {"Kind": "mesh", "TLS": {"Outgoing": {"CipherSuites": ["ALL:eNULL"]}}})),
+        "mesh entry TLS.Outgoing.CipherSuites[0]: 'ALL:eNULL' is not a cipher suite Consul names"),
+    "mesh entry TLS version unknown": (lambda d: d.inject("/v1/config/mesh/mesh", body=json.dumps(
+        {"Kind": "mesh", "TLS": {"Incoming": {"TLSMinVersion": "TLSv1_3 ciphers NULL"}}})),
+        "mesh entry TLS.Incoming.TLSMinVersion: 'TLSv1_3 ciphers NULL' is not one of"),
+    "mesh entry not an object": (lambda d: d.inject("/v1/config/mesh/mesh", body="[]"),
+                                 "GET /v1/config/mesh/mesh: expected a JSON object"),
     "haproxy -c fails": (lambda d: d.update_service("www-sidecar-proxy", set_config(local_connect_timeout_ms=10**12)),
                          "haproxy -c rejected the rendered config"),
 }
@@ -179,3 +193,21 @@ def test_a_bad_target_costs_only_itself(case, rendered):
     # instance.
     assert (out / "leaf.pem").read_bytes() != (out / live_before / "leaf.pem").read_bytes()
     assert (out / "haproxy.cfg").read_text() == config_before.replace(live_before, live_after)
+
+
+def test_an_intention_meshgen_cannot_enforce_denies_the_caller_it_names(rendered):
+    """A permission that needs a JSON Web Token cannot be checked by HAProxy: allowing it
+    unchecked would let in what Consul's Envoy refuses, so that intention denies its caller, and
+    costs nothing else."""
+    double, out, again = rendered
+    double.set_intention("web", "www", "allow", permissions=[
+        {"Action": "allow", "HTTP": {"PathPrefix": "/"}, "JWT": {"Providers": [{"Name": "okta"}]}}])
+    double.set_intention("api", "www", "allow")
+    run = again()
+    assert run.code == 3, run.stderr
+    skipped = [line for line in run.stderr.splitlines() if ": skipped: " in line]
+    assert len(skipped) == 1 and "Permissions[0].JWT: meshgen cannot verify JSON Web Tokens" in skipped[0], run.stderr
+    decisions = dict(line.split(" ", 1) for line in (out / "intentions.map").read_text().splitlines()
+                     if not line.startswith("#"))
+    assert decisions["default/default/web"].startswith("deny|")
+    assert decisions["default/default/api"].startswith("allow|")

@@ -1,6 +1,6 @@
 """Property-based fuzzing of everything the agent answers: the sidecar's registration, the
 health entries of an upstream, an upstream's discovery chain, the CA roots and the leaf
-certificate, the intentions and the authorize answer.
+certificate, the intentions and the authorize answer, the mesh config entry.
 
 Each case starts from a well-formed sidecar with every feature on, breaks a few values of one
 answer (random JSON types, sizes, unicode, control characters, HAProxy syntax, attempts to add
@@ -121,6 +121,8 @@ CHAIN_PATHS = [
     ("Chain", "Nodes", SPLITTER, "Splits"), ("Chain", "Nodes", SPLITTER, "Splits", 0, "Weight"),
     ("Chain", "Nodes", SPLITTER, "Splits", 0, "NextNode"), ("Chain", "Nodes", f"resolver:{V1}", "Type"),
     *[("Chain", "Nodes", f"resolver:{V1}", "Resolver", key) for key in ("Target", "ConnectTimeout", "Failover")],
+    ("Chain", "Nodes", f"resolver:{V1}", "LoadBalancer"), ("Chain", "Nodes", f"resolver:{V1}", "LoadBalancer", "Policy"),
+    ("Chain", "Nodes", f"resolver:{V1}", "LoadBalancer", "HashPolicies", 0, "FieldValue"),
     ("Chain", "Nodes", f"resolver:{V1}", "Resolver", "Failover", "Targets", 0),
     *[("Chain", "Targets", V1, key) for key in ("Service", "Datacenter", "Namespace", "Subset")],
     ("Chain", "Targets", V1, "Subset", "Filter"), ("Chain", "Targets", V1, "Subset", "OnlyPassing"),
@@ -130,7 +132,8 @@ BILLING_CHAIN = [
     {"Kind": "service-defaults", "Name": "ledger", "Protocol": "http2"},
     {"Kind": "service-resolver", "Name": "billing", "DefaultSubset": "v1",
      "Subsets": {"v1": {"Filter": "Service.Meta.version == v1"}, "v2": {"Filter": "Service.Meta.version == v2"}},
-     "Failover": {"v1": {"Service": "ledger"}}},
+     "Failover": {"v1": {"Service": "ledger"}},
+     "LoadBalancer": {"Policy": "ring_hash", "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}]}},
     {"Kind": "service-splitter", "Name": "billing", "Splits": [{"Weight": 75, "ServiceSubset": "v1"},
                                                               {"Weight": 25, "ServiceSubset": "v2"}]},
     {"Kind": "service-router", "Name": "billing", "Routes": [
@@ -138,6 +141,22 @@ BILLING_CHAIN = [
          "Destination": {"Service": "ledger", "PrefixRewrite": "/", "RequestTimeout": "2s", "NumRetries": 2,
                          "RetryOnStatusCodes": [503]}}]},
 ]
+# The mesh entry (MESH_ENTRY): request normalization, TLS both ways, X-Forwarded-Client-Cert.
+MESH_PATHS = [
+    ("HTTP",), ("HTTP", "SanitizeXForwardedClientCert"), ("HTTP", "Incoming"),
+    ("HTTP", "Incoming", "RequestNormalization"),
+    *[("HTTP", "Incoming", "RequestNormalization", key) for key in (
+        "InsecureDisablePathNormalization", "MergeSlashes", "PathWithEscapedSlashesAction",
+        "HeadersWithUnderscoresAction")],
+    ("TLS",), *[("TLS", way) for way in ("Incoming", "Outgoing")],
+    *[("TLS", way, key) for way in ("Incoming", "Outgoing") for key in ("TLSMinVersion", "TLSMaxVersion", "CipherSuites")],
+    ("TLS", "Incoming", "CipherSuites", 0),
+]
+MESH_ENTRY = {"Kind": "mesh", "HTTP": {"Incoming": {"RequestNormalization": {
+    "MergeSlashes": True, "PathWithEscapedSlashesAction": "UNESCAPE_AND_REDIRECT", "HeadersWithUnderscoresAction": "DROP_HEADER"}}},
+    "TLS": {"Incoming": {"TLSMinVersion": "TLSv1_2", "TLSMaxVersion": "TLSv1_3",
+                         "CipherSuites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"]},
+            "Outgoing": {"TLSMinVersion": "TLSv1_2"}}}
 LEAF_PATHS = [("CertPEM",), ("PrivateKeyPEM",), ("Service",), ("ServiceURI",), ("ValidBefore",),
               ("SerialNumber",)]
 
@@ -198,6 +217,7 @@ cases = st.one_of(
     st.tuples(st.just("intentions"), mutations(INTENTIONS_PATHS)),
     st.tuples(st.just("authorize"), mutations(AUTHORIZE_PATHS)),
     st.tuples(st.just("chain"), mutations(CHAIN_PATHS)),
+    st.tuples(st.just("mesh"), mutations(MESH_PATHS)),
     st.tuples(st.just("pem"), st.sampled_from(["RootCert", "CertPEM", "PrivateKeyPEM"]), st.data()),
 )
 
@@ -257,7 +277,7 @@ def fuzz_agent(tmp_path):
     double.add_instance("billing", "10.0.0.31", 21000, meta={"version": "v1"})
     double.add_instance("billing", "10.0.0.32", 21000, meta={"version": "v2"})
     double.add_instance("ledger", "10.0.0.33", 21000)
-    for entry in BILLING_CHAIN:
+    for entry in BILLING_CHAIN + [MESH_ENTRY]:
         double.set_config(entry)
     double.add_instance("geo", "10.0.0.41", 21000)
     double.add_prepared_query("geo", "geo")
@@ -281,13 +301,14 @@ def agent_answers(double) -> dict:
             "authorize": {"Authorized": False, "Reason": "Matched L4 intention: default/* => default/www"},
             # As meshgen asks for it: billing's Config sets its protocol and connect timeout.
             "chain": get("/v1/discovery-chain/billing", method="POST",
-                         body=b'{"OverrideConnectTimeout": "1500ms", "OverrideProtocol": "http2"}')}
+                         body=b'{"OverrideConnectTimeout": "1500ms", "OverrideProtocol": "http2"}'),
+            "mesh": get("/v1/config/mesh/mesh")}
 
 
 ENDPOINTS = {"registration": "/v1/agent/service/www-sidecar-proxy", "health": "/v1/health/connect/redis",
              "roots": "/v1/agent/connect/ca/roots", "leaf": "/v1/agent/connect/ca/leaf/www",
              "intentions": "/v1/connect/intentions/match", "authorize": "/v1/agent/connect/authorize",
-             "chain": "/v1/discovery-chain/billing"}
+             "chain": "/v1/discovery-chain/billing", "mesh": "/v1/config/mesh/mesh"}
 
 
 def broken_answer(case, answers: dict) -> tuple[str, object]:

@@ -60,7 +60,7 @@ def test_a_deny_written_after_any_read_of_a_run_reaches_the_bundle(tmp_path):
                                "--wait", "3s", env=agent_env(agent))
             assert then.code in (0, 3), then.err
             assert _decision(out, "default/default/www") == "deny", (
-                f"the deny written after read {k + 1} ({seen[k] if k < len(seen) else '?'}) was lost")
+                f"the deny written after read {k + 1} ({seen[k] if k < len(seen) else '?'}) was lost: {reads} {seen}")
 
 
 def _render_args(out, *extra):

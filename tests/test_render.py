@@ -218,11 +218,11 @@ def test_l7_permissions_become_request_rules_in_consuls_order():
     decided = "if { var(txn.meshgen_decision) -m str l7-1 } !{ var(txn.meshgen_l7) -m found }"
     assert rules == [
         f"http-request set-var(txn.meshgen_l7) str(deny:permission-1) {decided} "
-        "{ path -m beg '/admin' } { req.hdr_cnt(x-debug) gt 0 }",
+        "{ path -m beg -- '/admin' } { req.hdr_cnt(x-debug) gt 0 }",
         f"http-request set-var(txn.meshgen_l7) str(allow:permission-2) {decided} "
-        "{ path -m reg '^(?:/invoices/[0-9]+)$' } { method GET HEAD }",
+        "{ path -m reg -- '^(?:/invoices/[0-9]+)$' } { method GET HEAD }",
         f"http-request set-var(txn.meshgen_l7) str(allow:permission-3) {decided} "
-        "{ path -m str '/health' } !{ req.fhdr(user-agent) -m end 'probe' } { req.fhdr(x-team) -m str 'a b#$c' }",
+        "{ path -m str -- '/health' } !{ req.fhdr(user-agent) -m end -- 'probe' } { req.fhdr(x-team) -m str -- 'a b#$c' }",
         # A `*` intention hides Consul's default from the agent's answer: unknown, so denied.
         f"http-request set-var(txn.meshgen_l7) str(deny:default) {decided}",
     ]
@@ -417,8 +417,9 @@ def test_settings_of_newer_consul_that_meshgen_does_not_render_are_named():
     data = _compiled([HTTP_API, {"Kind": "service-router", "Name": "api", "Routes": [
         {"Match": {"HTTP": {"PathPrefix": "/a"}}, "Destination": {"RequestTimeout": "2s"}}]}])
     chain = data["Chain"]
-    chain["Nodes"]["resolver:api.default.dc1"]["Resolver"].update(
-        LoadBalancer={"Policy": "ring_hash"}, RequestTimeout="9s")
+    # Consul compiles LoadBalancer onto the node itself, beside Resolver.
+    chain["Nodes"]["resolver:api.default.dc1"]["LoadBalancer"] = {"Policy": "ring_hash"}
+    chain["Nodes"]["resolver:api.default.dc1"]["Resolver"].update(RequestTimeout="9s")
     chain["Nodes"]["router:api.default"]["Routes"][0]["Definition"]["Destination"]["RequestHeaders"] = {
         "Add": {"x-a": "1"}}
     upstream = _api_upstream()

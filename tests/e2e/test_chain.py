@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import (EchoServer, HAProxy, Identity, agent_env, free_port, meshgen_run, register_sidecar, run_meshgen,
+from harness import (DoubleAgent, EchoServer, HAProxy, Identity, agent_env, free_port, meshgen_run, register_sidecar, run_meshgen,
                      wait_listening)
 from real_consul import RealAgent
 
@@ -253,6 +253,134 @@ def test_routes_send_by_path_header_and_query_and_rewrite_the_prefix(mesh_on_eac
     assert mesh.landed("/?version=2") == "api-v2"
     assert mesh.landed("/?version=20") == "api-v1"
     assert {mesh.landed("/") for _ in range(50)} == {"api-v1"}
+
+
+@pytest.fixture
+def double_mesh_on_each_haproxy(haproxy, tmp_path):
+    """For HAProxy's reading of route values: every version, on the double alone, since the
+    agent only passes the values through."""
+    double = DoubleAgent().start()
+    double.suffix = ""
+    built = ChainMesh(double, haproxy, tmp_path)
+    yield built
+    built.close()
+    double.stop()
+
+
+def test_route_values_that_look_like_haproxy_syntax_route_exactly_their_requests(double_mesh_on_each_haproxy):
+    """Header and query values HAProxy's ACL parser would read as flags, as the end of an inline
+    ACL, or as two words, and a path prefix after "/" of the same kind: each sends exactly the
+    requests carrying it to v2."""
+    mesh = double_mesh_on_each_haproxy
+    api = mesh.api
+    mesh.http(api)
+    mesh.config({"Kind": "service-resolver", "Name": api, "DefaultSubset": "v1", "Subsets": {
+        "v1": {"Filter": "Service.Meta.version == v1"}, "v2": {"Filter": "Service.Meta.version == v2"}}})
+    to_v2 = {"Destination": {"ServiceSubset": "v2"}}
+    mesh.config({"Kind": "service-router", "Name": api, "Routes": [
+        *({"Match": {"HTTP": {"Header": [{"Name": "x-env", "Exact": value}]}}, **to_v2} for value in ("-i", "}", "a b")),
+        *({"Match": {"HTTP": {"QueryParam": [{"Name": "q", "Exact": value}]}}, **to_v2} for value in ("-i", "-beta", "}", "--")),
+        {"Match": {"HTTP": {"PathPrefix": "/-m"}}, **to_v2},
+        {"Match": {"HTTP": {"PathExact": "/}"}}, **to_v2},
+    ]})
+    mesh.instance(api, "api-v1", "v1")
+    mesh.instance(api, "api-v2", "v2")
+    mesh.render_until(lambda: mesh.landed("/", headers={"x-env": "-i"}) == "api-v2")
+    to = {("/", "-i"): "api-v2", ("/", "}"): "api-v2", ("/", "a b"): "api-v2", ("/", "-I"): "api-v1",
+          ("/", "a"): "api-v1", ("/", "}}"): "api-v1", ("/", None): "api-v1",
+          ("/?q=-i", None): "api-v2", ("/?q=-beta", None): "api-v2", ("/?q=}", None): "api-v2",
+          ("/?q=--", None): "api-v2", ("/?q=-", None): "api-v1", ("/?q=i", None): "api-v1",
+          ("/?q=-betax", None): "api-v1", ("/-m/x", None): "api-v2", ("/m", None): "api-v1",
+          ("/}", None): "api-v2", ("/}x", None): "api-v1"}
+    landed = {(path, env): mesh.landed(path, headers={"x-env": env} if env is not None else None)
+              for path, env in to}
+    assert landed == to
+
+
+def test_case_insensitive_routes_match_paths_in_either_case_but_not_regexes(double_mesh_on_each_haproxy):
+    """Match.HTTP.CaseInsensitive: Consul sets Envoy's case_sensitive false, which applies to
+    PathPrefix and PathExact and not to PathRegex; the prefix is rewritten whatever its case."""
+    mesh = double_mesh_on_each_haproxy
+    api, admin = mesh.api, mesh.name("admin")
+    mesh.http(api, admin)
+    mesh.config({"Kind": "service-resolver", "Name": api, "DefaultSubset": "v1", "Subsets": {
+        "v1": {"Filter": "Service.Meta.version == v1"}, "v2": {"Filter": "Service.Meta.version == v2"}}})
+    mesh.config({"Kind": "service-router", "Name": api, "Routes": [
+        {"Match": {"HTTP": {"PathPrefix": "/Admin/", "CaseInsensitive": True}},
+         "Destination": {"Service": admin, "PrefixRewrite": "/"}},
+        {"Match": {"HTTP": {"PathExact": "/Health", "CaseInsensitive": True}}, "Destination": {"ServiceSubset": "v2"}},
+        {"Match": {"HTTP": {"PathRegex": "/Api/[0-9]+", "CaseInsensitive": True}}, "Destination": {"ServiceSubset": "v2"}},
+        {"Match": {"HTTP": {"PathPrefix": "/Docs"}}, "Destination": {"ServiceSubset": "v2"}},
+    ]})
+    mesh.instance(api, "api-v1", "v1")
+    mesh.instance(api, "api-v2", "v2")
+    mesh.instance(admin, "admin-1")
+    mesh.render_until(lambda: mesh.landed("/admin/x") == "admin-1")
+    assert [mesh.get(path) for path in ("/ADMIN/Users", "/aDmIn/x?y=Z")] == [
+        (200, "admin-1 /Users"), (200, "admin-1 /x?y=Z")]
+    landed = {path: mesh.landed(path) for path in (
+        "/health", "/HEALTH", "/Health", "/health/", "/Api/1", "/api/1", "/Docs/x", "/docs/x")}
+    assert landed == {"/health": "api-v2", "/HEALTH": "api-v2", "/Health": "api-v2", "/health/": "api-v1",
+                      "/Api/1": "api-v2", "/api/1": "api-v1", "/Docs/x": "api-v2", "/docs/x": "api-v1"}
+
+
+@pytest.fixture
+def double_mesh(any_haproxy, tmp_path):
+    """For what Consul 1.8.7 has not: a resolver's LoadBalancer is Consul 1.9+."""
+    double = DoubleAgent().start()
+    double.suffix = ""
+    built = ChainMesh(double, any_haproxy, tmp_path)
+    yield built
+    built.close()
+    double.stop()
+
+
+def test_a_resolvers_load_balancer_policy_decides_where_requests_land(double_mesh):
+    """Consul compiles LoadBalancer onto the chain node: least_request sends a request away from
+    an instance busy with a slow one; random does not alternate as round robin does; ring_hash
+    and maglev keep what their hash policy names on one instance."""
+    mesh = double_mesh
+    api = mesh.api
+    mesh.http(api)
+    mesh.instance(api, "api-1")
+    mesh.instance(api, "api-2")
+    mesh.config({"Kind": "service-resolver", "Name": api, "LoadBalancer": {"Policy": "least_request"}})
+    mesh.render_until(lambda: "balance leastconn" in (mesh.out / "haproxy.cfg").read_text())
+    slow = threading.Thread(target=mesh.get, args=("/slow",))
+    slow.start()
+    time.sleep(0.5)
+    quick = []
+    for i in range(6):                             # only those that landed while it was busy
+        landed = mesh.landed(f"/quick-{i}")
+        if slow.is_alive():
+            quick.append(landed)
+        time.sleep(0.1)         # HAProxy counts a request until its stream ends, just after the answer
+    slow.join()
+    assert len(quick) >= 2 and len(set(quick)) == 1, quick   # round robin: half to the busy one
+
+    mesh.config({"Kind": "service-resolver", "Name": api, "LoadBalancer": {"Policy": "random"}})
+    mesh.render_until(lambda: "balance random(1)" in (mesh.out / "haproxy.cfg").read_text())
+    connection = http.client.HTTPConnection("127.0.0.1", mesh.upstream_port, timeout=10)
+    landed = [mesh.landed(connection=connection) for _ in range(200)]
+    assert set(landed) == {"api-1", "api-2"}
+    assert any(a == b for a, b in zip(landed, landed[1:]))   # round robin strictly alternates
+    mesh.instance(api, "api-3")                 # a server added through the runtime API, or a reload
+    mesh.render_until(lambda: "api-3" in {mesh.landed() for _ in range(30)})
+
+    # ring_hash on a header: each user always to the same instance; users spread over them.
+    mesh.config({"Kind": "service-resolver", "Name": api, "LoadBalancer": {
+        "Policy": "ring_hash", "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}]}})
+    mesh.render_until(lambda: "hash-type consistent" in (mesh.out / "haproxy.cfg").read_text())
+    connection = http.client.HTTPConnection("127.0.0.1", mesh.upstream_port, timeout=10)   # the reload closed the last
+    by_user = {user: {mesh.landed(headers={"x-user": user}, connection=connection) for _ in range(5)}
+               for user in (f"user-{i}" for i in range(20))}
+    assert all(len(landed) == 1 for landed in by_user.values()), by_user
+    assert len(set().union(*by_user.values())) > 1, by_user
+    # maglev on the source address: every request of this one client to one instance.
+    mesh.config({"Kind": "service-resolver", "Name": api, "LoadBalancer": {
+        "Policy": "maglev", "HashPolicies": [{"SourceIP": True}]}})
+    mesh.render_until(lambda: "balance source" in (mesh.out / "haproxy.cfg").read_text())
+    assert len({mesh.landed() for _ in range(30)}) == 1
 
 
 def test_a_subset_filter_keeps_other_versions_out(mesh):

@@ -124,6 +124,7 @@ def test_an_idle_wait_asks_each_endpoint_once_per_period(seeded):
     assert asked == {"/v1/agent/service/www-sidecar-proxy": periods, "/v1/agent/connect/ca/roots": 2 * periods,
                      "/v1/agent/connect/ca/leaf/www": periods, "/v1/health/connect/redis": periods,
                      "/v1/discovery-chain/redis": periods,
+                     "/v1/config/mesh/mesh": periods,   # blocked on even while there is none (404)
                      "/v1/agent/services": periods,     # --sidecar-for looks the sidecar up first
                      "/v1/connect/intentions": periods}
 
