@@ -64,7 +64,7 @@ Exit codes:
 #     haproxy.cfg leaf.pem      digest of what it was made from; the previous one is kept for a
 #     roots.pem authorize.lua   reload that began before the swap, and the one HAProxy loaded
 #     public.crt-list           for as long as it runs on it
-#     intentions.map callers.map
+#     intentions.map callers.map servers.map
 #   .stage-<random>/            a bundle being written; renamed to .bundle-<digest> once durable
 #   live -> .bundle-<digest>    swapped by one rename: the bundle HAProxy runs on
 #   haproxy.cfg -> live/haproxy.cfg, leaf.pem -> live/leaf.pem, ...    stable names
@@ -75,6 +75,7 @@ LIVE = "live"
 STATE_FILE = ".meshgen-state.json"
 INTENTIONS_MAP = "intentions.map"
 CALLERS_MAP = "callers.map"                      # filled by authorize.lua in HAProxy's memory
+SERVERS_MAP = "servers.map"                      # likewise, for upstream servers' certificates
 PUBLIC_LISTENER = "public_listener"              # haproxy.cfg's names, as the runtime API knows them
 CONNECTIONS_TABLE = "meshgen_connections"
 SECRET_FILES = ("leaf.pem",)     # written 0600
@@ -700,6 +701,17 @@ class ConfigMap:
         field, value = self.raw(name)
         return default if value is None else check_int(value, field, minimum)
 
+    def flag(self, name: str, default: bool) -> bool:
+        """A boolean, as JSON or as the strings Consul's own proxy config accepts."""
+        field, value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise MeshgenError(f"{field}: {value!r} is not true or false")
+
     def choice(self, names: tuple[str, ...], choices: tuple[str, ...], default: str) -> str:
         field, value = self.raw(*names)
         if value is None:
@@ -869,6 +881,7 @@ class Sidecar(_Speaks):
     hard_stop_after_ms: int       # how long an old worker may drain after a reload
     unsecured_bind: str | None
     syslog_server: str | None
+    access_log: bool              # the public listener's line per connection (HTTP: per request)
     prometheus_bind: str | None
     stats_bind: str | None
     upstreams: tuple[Upstream, ...]
@@ -915,6 +928,7 @@ def parse_registration(reg: dict, proxy_id: str) -> Sidecar:
         unsecured_bind=(join_host_port(bind_host, check_port(unsecured, "Proxy.Config.unsecured_bind_port"))
                         if unsecured is not None else None),
         syslog_server=_syslog_server(config),
+        access_log=config.flag("access_log", True),
         prometheus_bind=_optional_host_port(config, "prometheus_bind_addr", "envoy_prometheus_bind_addr"),
         stats_bind=_optional_host_port(config, "stats_bind_addr", "envoy_stats_bind_addr"),
         upstreams=tuple(sorted((u for u in upstreams if u is not None), key=lambda u: u.key)),
@@ -1702,7 +1716,8 @@ def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_re
 HERE = Path(__file__).resolve().parent
 
 
-TEMPLATES = ("haproxy.cfg", "public.crt-list", "intentions.map", "callers.map")   # from templates/NAME.j2
+TEMPLATES = ("haproxy.cfg", "public.crt-list", "intentions.map", "callers.map",   # from templates/NAME.j2
+             "servers.map")
 
 
 def resource(relative: str) -> Path:
@@ -1760,7 +1775,7 @@ def render_into(bundle_dir: Path, sidecar: Sidecar, certs: Certificates, intenti
         lstrip_blocks=True, autoescape=False, bytecode_cache=_compiled_templates())
     values = dict(sidecar=sidecar, trust_domain=certs.trust_domain, intentions=intentions,
                   bundle=str(bundle_dir), admin_socket=str(admin_socket), intentions_map=INTENTIONS_MAP,
-                  callers_map=CALLERS_MAP)
+                  callers_map=CALLERS_MAP, servers_map=SERVERS_MAP)
     files = {name: environment.get_template(f"{name}.j2").render(**values).encode() for name in TEMPLATES}
     files |= {"roots.pem": certs.roots_pem.encode(), "leaf.pem": certs.leaf_pem.encode(),
               "authorize.lua": resource("authorize.lua").read_bytes()}
