@@ -134,12 +134,14 @@ defaults
 """
     verify = f"crt {leaf} ca-file {roots} verify required"
     client, server = scratch / f"{name}-client.cfg", scratch / f"{name}-server.cfg"
+    # From 3.3 HAProxy sends the Host header as SNI and checks the certificate against it.
+    no_sni = ".if version_atleast(3.3)\n    default-server no-sni-auto no-check-sni-auto\n.endif\n" if http else ""
     client.write_text(head + f"""frontend upstream
     bind 127.0.0.1:{client_port}
     default_backend server_side
 backend server_side
-    server s 127.0.0.1:{server_port} ssl {verify}
-""" + (".if version_atleast(3.3)\n    default-server no-sni-auto no-check-sni-auto\n.endif\n" if http else ""))
+{no_sni}    server s 127.0.0.1:{server_port} ssl {verify}
+""")
     server.write_text(head + f"""frontend public
     bind 127.0.0.1:{server_port} ssl {verify}
     default_backend app
