@@ -175,9 +175,10 @@ def test_a_pooled_path_whose_server_changes_certificate_carries_only_the_right_s
         assert sidecar.get("api") == (200, "api")
 
     # The open (pooled) connections keep the api certificate; new ones get billing's.
-    server.present("billing")
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: sidecar.get("api", "/slow"), range(16)))
+    with ThreadPoolExecutor(4) as few, ThreadPoolExecutor(12) as many:
+        assert list(few.map(lambda _: sidecar.get("api", "/slow"), range(4))) == [(200, "api")] * 4
+        server.present("billing")
+        answers = list(many.map(lambda _: sidecar.get("api", "/slow"), range(24)))
     assert all(body == "api" for status, body in answers if status == 200), answers
     assert any(status != 200 for status, _ in answers), answers      # billing's connections were made
     assert any(status == 200 for status, _ in answers), answers      # and the pooled api ones used
