@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import meshgen
-from harness import HAProxy, Identity, free_port, meshgen_render, register_sidecar
+from harness import HAProxy, HttpApp, Identity, free_port, meshgen_render, register_sidecar, wait_passing
 
 SLOW = 0.4     # seconds a /slow request takes: concurrent ones need connections of their own
 
@@ -183,16 +183,18 @@ def test_a_pooled_path_whose_server_changes_certificate_carries_only_the_right_s
     assert any(status != 200 for status, _ in answers), answers      # billing's connections were made
     assert any(status == 200 for status, _ in answers), answers      # and the pooled api ones used
 
-    # The server restarts as billing: pooled or new, local connection kept or not, none gets through.
+    # The server restarts as billing: pooled or new, local connection kept or not, none gets
+    # through. A request sent on a pooled connection as the restart closes it gets no answer.
     server.drop_connections()
     for _ in range(5):
-        assert sidecar.get("api")[0] >= 500
-        try:
-            status, body = sidecar.get("api", connection=kept)
-        except (http.client.HTTPException, OSError):
-            kept = http.client.HTTPConnection("127.0.0.1", sidecar.ports["api"], timeout=10)
-            continue
-        assert status >= 500 and body != "billing"
+        for connection in (None, kept):
+            try:
+                status, body = sidecar.get("api", connection=connection)
+            except (http.client.HTTPException, OSError):
+                if connection is kept:
+                    kept = http.client.HTTPConnection("127.0.0.1", sidecar.ports["api"], timeout=10)
+                continue
+            assert status >= 500 and body != "billing"
 
     # Back to api: no refused connection was left in the pool to answer for it.
     server.present("api")
@@ -241,3 +243,36 @@ def test_a_certificate_naming_no_single_service_is_refused_and_never_remembered(
         status, body = sidecar.get(upstream)
         assert status >= 500 and body != "odd"
     assert hashlib.sha256(server.der()).hexdigest().upper() not in sidecar.remembered()
+
+
+def test_a_server_sidecar_reloading_under_pooled_load_fails_no_request(double, haproxy, tmp_path, web):
+    """Its old worker answers the next request of each pooled connection, with Connection:
+    close, rather than closing it under a request on its way (option idle-close-on-response)."""
+    app, public = HttpApp(), free_port()
+    register_sidecar(double, "api", public, app.port, config={"protocol": "http"})
+    double.set_intention("web", "api", "allow")
+    assert meshgen_render(double, "api-sidecar-proxy", tmp_path / "api", haproxy) == 3
+    server = HAProxy(haproxy, tmp_path / "api" / "haproxy.cfg", tmp_path / "api.log", wait_for_port=public,
+                     master_socket=tmp_path / "api.master")
+    try:
+        wait_passing(double, "api", "api-sidecar-proxy")
+        sidecar = web()
+        deadline, failures, answered = time.monotonic() + 4, [], []
+
+        def load() -> None:
+            while time.monotonic() < deadline:
+                try:
+                    answered.append(sidecar.get("api", "/x"))
+                except (http.client.HTTPException, OSError) as error:
+                    failures.append(repr(error))
+        with ThreadPoolExecutor(6) as pool:
+            for _ in range(6):
+                pool.submit(load)
+            for _ in range(4):
+                time.sleep(0.8)
+                server.reload()
+        assert failures == []
+        assert len(answered) > 100 and set(answered) == {(200, "/x")}, set(answered)
+    finally:
+        server.stop()
+        app.close()
