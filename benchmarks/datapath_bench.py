@@ -6,8 +6,8 @@ An app (an HAProxy of one thread answering a 1 KB body to every request) is reac
 (direct) nothing, (floor) two HAProxy with nothing but mutual TLS between them, built from the
 same certificates and global TLS settings meshgen renders (no Lua, no maps, no logs, HAProxy's
 default connection reuse), (meshgen) the two sidecars meshgen renders for a client service and
-a server service on the agent double, and, with --baseline REF, (before) the sidecars the
-meshgen of git REF renders. wrk (one thread, 16 connections) sends GET / in four modes: HTTP
+a server service on the agent double, (quiet) the same with the server's Config access_log
+false, and, with --baseline REF, (before) the sidecars the meshgen of git REF renders. wrk (one thread, 16 connections) sends GET / in four modes: HTTP
 keep-alive, HTTP with a new connection per request (`Connection: close`), TCP (sidecars in TCP
 mode, HTTP keep-alive through them) and TCP with a new connection per request (a handshake
 between the sidecars each time). Each mode runs at the most wrk gets and, except the last, at
@@ -205,7 +205,8 @@ def register(double, app_port: int) -> Mesh:
 
 
 def setups(mesh: Mesh, double, haproxy: str, scratch: Path, checkouts: dict) -> dict:
-    """For each protocol, every configuration: direct, floor, meshgen (and before)."""
+    """For each protocol, every configuration: direct, floor, meshgen (and before), and quiet:
+    meshgen's with the server's Config access_log false."""
     found = {}
     for protocol in ("http", "tcp"):
         upstream_port, public_port = mesh.ports[protocol]
@@ -218,6 +219,11 @@ def setups(mesh: Mesh, double, haproxy: str, scratch: Path, checkouts: dict) -> 
             base = scratch / label / protocol
             rendered[label] = (render(checkout, double, client_id, base / "client", haproxy),
                                render(checkout, double, server_id, base / "server", haproxy))
+        register_sidecar(double, f"api-{protocol}", public_port, mesh.app_port,
+                         config={"protocol": protocol, "access_log": False})
+        wait_passing(double, f"api-{protocol}", server_id)
+        rendered["quiet"] = (rendered["meshgen"][0],
+                             render(ROOT, double, server_id, scratch / "quiet" / protocol / "server", haproxy))
         listening.close()
         server_out = rendered["meshgen"][1].parent
         floor = floor_configs(scratch, f"floor-{protocol}", protocol == "http",
