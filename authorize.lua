@@ -282,8 +282,11 @@ end, 4)
 
 -- ------------------------------------------------------------------------------------------
 -- Outbound: HAProxy checks the upstream's chain but cannot pin its SPIFFE ID during the
--- handshake. This runs on the first response: the server's certificate must name one of the
--- services the upstream is for, or the connection is closed before a byte reaches the client.
+-- handshake. haproxy.cfg finds the service of each response's server certificate in servers.map
+-- by the certificate's digest; this runs when it is not there (or names another service): it
+-- reads the service from the certificate and remembers it by the digest of the very DER it read.
+-- haproxy.cfg, not this script, decides: an entry says what a certificate names, never that it
+-- may answer, so an entry one upstream added cannot let a server into another.
 
 local function server_service(der)
     local uri, why = spiffe_id(der)
@@ -294,15 +297,32 @@ local function server_service(der)
     return service, uri
 end
 
+local MAX_SERVERS_REMEMBERED = 10000
+local servers_remembered = 0
+
+local function remember_server(txn, der, service)
+    local map = txn:get_var("proc.meshgen_servers_map")
+    if servers_remembered < MAX_SERVERS_REMEMBERED and map then
+        core.set_map(map, txn.c:hex(txn.c:sha2(der, 256)), service)
+        servers_remembered = servers_remembered + 1
+    end
+end
+
 core.register_action("meshgen_verify_upstream", { "tcp-res", "http-res" }, function(txn, expected)
-    local ok, service, detail = pcall(server_service, txn.f:ssl_s_der())
+    local der = txn.f:ssl_s_der()
+    local ok, service, detail = pcall(server_service, der)
+    if ok and service then
+        txn:set_var("txn.meshgen_server", service)
+        pcall(remember_server, txn, der, service)
+    else
+        txn:unset_var("txn.meshgen_server")
+    end
     local allowed = false
     if ok and service then
         for name in expected:gmatch("[^,]+") do
             if name == service then allowed = true end
         end
     end
-    txn:set_var("txn.meshgen_upstream_ok", allowed and 1 or 0)
     if not allowed then
         txn:Warning("meshgen: upstream identity mismatch: expected " .. expected .. ", server is " ..
             tostring(ok and (detail or service) or "unreadable") .. "; connection closed")

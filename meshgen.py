@@ -68,7 +68,7 @@ Exit codes:
 #     haproxy.cfg leaf.pem      digest of what it was made from; the previous one is kept for a
 #     roots.pem authorize.lua   reload that began before the swap, and the one HAProxy loaded
 #     public.crt-list           for as long as it runs on it
-#     intentions.map callers.map
+#     intentions.map callers.map servers.map
 #     manifest.json             what the live path and `status` compare: servers, options, maps,
 #                               serial, listener, from the model (nothing reads haproxy.cfg back)
 #   .stage-<random>/            a bundle being written; renamed to .bundle-<digest> once durable
@@ -87,6 +87,7 @@ STATE_FILE = ".meshgen-state.json"
 LIVE_CHANGE_MARKER = ".meshgen-live-change"
 INTENTIONS_MAP = "intentions.map"
 CALLERS_MAP = "callers.map"                      # filled by authorize.lua in HAProxy's memory
+SERVERS_MAP = "servers.map"                      # likewise, for upstream servers' certificates
 PUBLIC_LISTENER = "public_listener"              # haproxy.cfg's names, as the runtime API knows them
 CONNECTIONS_TABLE = "meshgen_connections"
 SECRET_FILES = ("leaf.pem",)     # written 0600
@@ -1095,6 +1096,17 @@ class ConfigMap:
         field, value = self.raw(name)
         return default if value is None else check_int(value, field, minimum)
 
+    def flag(self, name: str, default: bool) -> bool:
+        """A boolean, as JSON or as the strings Consul's own proxy config accepts."""
+        field, value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise MeshgenError(f"{field}: {value!r} is not true or false")
+
     def choice(self, names: tuple[str, ...], choices: tuple[str, ...], default: str) -> str:
         field, value = self.raw(*names)
         if value is None:
@@ -1265,6 +1277,7 @@ class Sidecar(_Speaks):
     hard_stop_after_ms: int       # how long an old worker may drain after a reload
     unsecured_bind: str | None
     syslog_server: str | None
+    access_log: bool              # the public listener's line per connection (HTTP: per request)
     prometheus_bind: str | None
     stats_bind: str | None
     upstreams: tuple[Upstream, ...]
@@ -1313,6 +1326,7 @@ def parse_registration(reg: dict, proxy_id: str) -> Sidecar:
         unsecured_bind=(join_host_port(bind_host, check_port(unsecured, "Proxy.Config.unsecured_bind_port"))
                         if unsecured is not None else None),
         syslog_server=_syslog_server(config),
+        access_log=config.flag("access_log", True),
         prometheus_bind=_optional_host_port(config, "prometheus_bind_addr", "envoy_prometheus_bind_addr"),
         stats_bind=_optional_host_port(config, "stats_bind_addr", "envoy_stats_bind_addr"),
         upstreams=tuple(sorted((u for u in upstreams if u is not None), key=lambda u: u.key)),
@@ -2466,7 +2480,8 @@ def with_mesh(sidecar: Sidecar, answers: dict) -> Sidecar:
 HERE = Path(__file__).resolve().parent
 
 
-TEMPLATES = ("haproxy.cfg", "public.crt-list", "intentions.map", "callers.map")   # from templates/NAME.j2
+TEMPLATES = ("haproxy.cfg", "public.crt-list", "intentions.map", "callers.map",   # from templates/NAME.j2
+             "servers.map")
 # The bundle's facts for the live path and `meshgen status`, from the model that haproxy.cfg is
 # rendered from: nothing reads haproxy.cfg back.
 MANIFEST = "manifest.json"
@@ -2671,6 +2686,7 @@ def render_templates(environment: jinja2.Environment, sidecar: Sidecar, certs: C
     values = dict(sidecar=sidecar, trust_domain=certs.trust_domain, spiffe_id=certs.spiffe_id, intentions=intentions,
                   bundle=bundle, admin_socket=str(admin_socket), intentions_map=INTENTIONS_MAP,
                   callers_map=CALLERS_MAP,
+                  servers_map=SERVERS_MAP,
                   server_options={u.proxy_name: upstream_server_options(u, bundle) for u in sidecar.upstreams})
     return {name: environment.get_template(f"{name}.j2").render(**values).encode() for name in TEMPLATES}
 

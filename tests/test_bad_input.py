@@ -123,6 +123,7 @@ INJECTIONS = {
     "service name with hash": (lambda s: s["Proxy"].update(DestinationServiceName="www#x"), "Proxy.DestinationServiceName"),
     "bind address with comment": (set_config(bind_address="0.0.0.0 # x"), "Proxy.Config.bind_address"),
     "syslog with quotes": (set_config(syslog_server='"10.0.0.1" len 9999'), "Proxy.Config.syslog_server"),
+    "access_log not a boolean": (set_config(access_log="false\n    log 10.9.9.9 local0"), "Proxy.Config.access_log"),
     "prometheus bind with option": (set_config(envoy_prometheus_bind_addr="127.0.0.1:9102 ssl"), "Proxy.Config.envoy_prometheus_bind_addr"),
     "mode with newline": (set_config(local_service_mode="tcp\n    option httpchk"), "Proxy.Config.local_service_mode"),
     "socket path with space": (set_upstream(LocalBindPort=None, LocalBindSocketPath="/tmp/a b.sock"), "Proxy.Upstreams[0].LocalBindSocketPath"),

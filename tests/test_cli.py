@@ -35,7 +35,7 @@ def test_render_writes_a_complete_bundle_then_nothing(agent, seed, any_haproxy, 
     bundle = os.readlink(live)
     assert bundle.startswith(meshgen.BUNDLE_PREFIX)
     expected = {"authorize.lua", "callers.map", "haproxy.cfg", "intentions.map", "leaf.pem", "manifest.json",
-                "public.crt-list", "roots.pem"}
+                "public.crt-list", "roots.pem", "servers.map"}
     assert {p.name for p in live.iterdir()} == expected
     for name in expected:
         assert os.readlink(out / name) == f"live/{name}"

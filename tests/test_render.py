@@ -153,6 +153,7 @@ def test_full_example_carries_every_setting():
         "timeout client 120000ms",                              # local_idle_timeout_ms
         "frontend unsecured_listener\n    bind 10.0.0.10:8081",  # unsecured_bind_port (seed)
         "log 127.0.0.1:5514 local0",                            # syslog_server (seed)
+        "option dontlog-normal",                                # access_log false
         "bind 127.0.0.1:9102\n    http-request use-service prometheus-exporter",
         "bind 127.0.0.1:9103\n    stats enable",
         "timeout connect 3000ms",                               # upstream connect_timeout_ms
