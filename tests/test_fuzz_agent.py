@@ -42,7 +42,7 @@ from campaign_support import SECRET_TOKEN, haproxy_version, record, scaled, secr
 from harness import ROOT, DoubleAgent, snapshot
 
 CANARY = "INJECTED"
-EXAMPLES_PER_HAPROXY = scaled(250)
+EXAMPLES_PER_HAPROXY = scaled(700)
 
 RICH_SIDECAR = {
     "name": "www", "port": 8080, "address": "127.0.0.1",
@@ -210,15 +210,31 @@ def as_text(value) -> str:
     return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
+# Fields meshgen reads that the well-formed answers leave out, so that no walk finds them.
+ABSENT_FIELDS = [
+    ("Proxy", "LocalServiceSocketPath"), ("Proxy", "Config", "bind_address"), ("Proxy", "Config", "bind_port"),
+    ("Proxy", "Config", "envoy_stats_bind_addr"), ("Proxy", "Config", "local_service_mode"),
+    ("Proxy", "Config", "local_request_timeout_ms"), ("Proxy", "Config", "local_idle_timeout_ms"),
+    *[("Proxy", "Upstreams", i, key) for i in (0, 1, 2) for key in (
+        "LocalBindAddress", "LocalBindSocketPath", "LocalBindSocketMode", "DestinationPeer", "Datacenter")],
+    ("Proxy", "Expose", "Paths", 0, "Protocol"), *[(i, "Service", "SocketPath") for i in (0, 1)],
+]
+
+
 @st.composite
 def string_changes(draw, document) -> list[tuple]:
     """One to three changes of one answer, each ("leaf" | "key", path, hostile text)."""
     leaves, keys = leaf_paths(document), key_paths(document)
+    # Most draws go to the answer's strings: those are what the template prints.
+    absent = [p for p in ABSENT_FIELDS if _reaches(document, p[:-1]) and not _reaches(document, p)]
+    paths = {"string": [p for p in leaves if isinstance(get_path(document, p), str)] or leaves,
+             "leaf": leaves + absent, "key": keys or leaves}
     changes = []
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["leaf", "leaf", "key"] if keys else ["leaf"]))
-        path = draw(st.sampled_from(leaves if kind == "leaf" else keys))
-        original = path[-1] if kind == "key" else get_path(document, path)
+        kind = draw(st.sampled_from(["string", "string", "leaf", "key"]))
+        path = draw(st.sampled_from(paths[kind]))
+        kind = "key" if kind == "key" and keys else "leaf"
+        original = path[-1] if kind == "key" else get_path(document, path) if _reaches(document, path) else ""
         changes.append((kind, path, draw(hostile_text(as_text(original) if original is not None else ""))))
     return changes
 
@@ -232,25 +248,30 @@ def type_changes(draw, document) -> list[tuple]:
 
 
 # What a changed value can be replaced by in a reference: 0 puts the original back (for a key: a
-# name the answer does not use, left out as the hostile name is); 1 and 2 are values no field's
-# grammar takes (for a key: its own name back), which cost the item the way a hostile value does.
-STAND_INS = (0, 1, 2)
-REFUSED_BY_EVERY_GRAMMAR = {1: "\x01", 2: {}}
+# name the answer does not use, left out as the hostile name is); the others are values no
+# field's grammar takes (for a key: its own name back), which cost the item the way a hostile
+# value does. Two are needed: meshgen refuses a megabyte itself, the agent refuses a control
+# character (a subset filter), and an item costs what it costs where it was refused. The last
+# leaves the field out: to Consul, an empty value is an unset one (syslog_server "" is no syslog).
+STAND_INS = (0, 1, 2, 3, 4)
+REFUSED_BY_EVERY_GRAMMAR = {1: "\x01", 2: {}, 3: "x" * MEGABYTE}
 
 
 def apply_strings(document, changes: list[tuple], stand_ins: tuple | None = None):
     """The answer with the changes made, or with each made with its stand-in instead."""
     document = json.loads(json.dumps(document))
     for at, (kind, path, text) in enumerate(changes):
-        if not _reaches(document, path):
-            continue    # an earlier change renamed a key on the way
         stand_in = stand_ins[at] if stand_ins is not None else None
+        if not _reaches(document, path[:-1] if kind == "leaf" else path):
+            continue    # an earlier change renamed a key on the way
+        if kind == "leaf" and stand_in == 0 and not _reaches(document, path):
+            continue    # a field the well-formed answer leaves out stays out
         if kind == "key":
             name = text if stand_in is None else f"{path[-1]}x" if stand_in == 0 else path[-1]
             document = rename_key(document, path, name)
         else:
             value = (text if stand_in is None else get_path(document, path) if stand_in == 0
-                     else REFUSED_BY_EVERY_GRAMMAR[stand_in])
+                     else DELETE if stand_in == 4 else REFUSED_BY_EVERY_GRAMMAR[stand_in])
             document = set_path(document, path, value)
     return document
 
@@ -365,7 +386,7 @@ def intentions_shape(text: str) -> list[tuple]:
 
 def manifest_shape(text: str) -> tuple:
     manifest = json.loads(text)
-    return (sorted(manifest), [decision for _, decision in manifest.get("intentions", [])],
+    return (sorted(manifest), [value.split("|")[0] for _, value in manifest.get("intentions", [])],
             [(len(b.get("servers", [])) if isinstance(b, dict) else len(b)) for b in manifest.get("backends", [])])
 
 
@@ -532,16 +553,20 @@ class Renderer:
 
 def structure_findings(renderer: Renderer, target: str, answer, changes, out: Path, stderr: str) -> list[str]:
     """How an accepted `strings` case's bundle differs from its reference: the same answer with
-    a known value in place of each hostile one. The first reference tried puts every original
-    back; where the case skipped items, the reference must skip as many, so the others give
-    some of the changed leaves a value no grammar takes (which costs the same item)."""
-    skipped = len(skipped_lines(stderr))
+    a known value in place of each hostile one, skipping as many items as the case did. The
+    references tried put every original back first, then give some changed leaves a value no
+    grammar takes (which costs the item a hostile value costs); none may match."""
+    skipped, shape = len(skipped_lines(stderr)), bundle_shape(out)
+    differences = None
     for stand_ins in sorted(itertools.product(STAND_INS, repeat=len(changes)), key=lambda s: sum(map(bool, s))):
-        shape, reference_skipped = renderer.reference(target, apply_strings(answer, changes, stand_ins))
+        reference, reference_skipped = renderer.reference(target, apply_strings(answer, changes, stand_ins))
         if reference_skipped == skipped:
-            return shape_differences(bundle_shape(out), shape)
-    return [f"{skipped} item(s) skipped, and no reference with known values in place of the changed ones "
-            "skips as many"]
+            found = shape_differences(shape, reference)
+            if not found:
+                return []
+            differences = differences or found
+    return differences or [f"{skipped} item(s) skipped, and no reference with known values in place of the "
+                           "changed ones skips as many"]
 
 
 def draw_case(data, answers: dict) -> tuple:
