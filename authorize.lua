@@ -1,7 +1,7 @@
 -- authorize.lua: who is calling, for the public listener of a meshgen sidecar.
 --
 -- For each new client certificate: read its SPIFFE ID from its DER, check its trust domain,
--- and hand haproxy.cfg the caller's namespace/service, remembered by the certificate's digest
+-- and hand haproxy.cfg the caller's partition/namespace/service, remembered by the certificate's digest
 -- in callers.map so that its next connections need no script. haproxy.cfg looks the caller up
 -- in the bundle's intentions.map, which meshgen renders from Consul's intentions: no call
 -- leaves HAProxy, and every thread decides alike. Any error is a refusal, with its reason.
@@ -110,14 +110,18 @@ local function plain_name(name)
     return #name <= 128 and name:match("^[%w][%w_%.%-]*$") ~= nil
 end
 
--- "namespace/service" of a service identity; nil for any other kind (agent, gateway, ...).
+-- "partition/namespace/service" of a service identity (a SPIFFE ID without a partition is of
+-- "default"); nil for any other kind (agent, gateway, ...).
 local function caller_of(uri)
+    local partition = "default"
     local namespace, service = uri:match("^spiffe://[^/]+/ns/([^/]+)/dc/[^/]+/svc/([^/]+)$")
     if not namespace then
-        namespace, service = uri:match("^spiffe://[^/]+/ap/[^/]+/ns/([^/]+)/dc/[^/]+/svc/([^/]+)$")
+        partition, namespace, service = uri:match("^spiffe://[^/]+/ap/([^/]+)/ns/([^/]+)/dc/[^/]+/svc/([^/]+)$")
     end
-    if not (namespace and plain_name(namespace) and plain_name(service)) then return nil end
-    return namespace .. "/" .. service
+    if not (namespace and plain_name(partition) and plain_name(namespace) and plain_name(service)) then
+        return nil
+    end
+    return partition .. "/" .. namespace .. "/" .. service
 end
 
 -- Callers already identified, for haproxy.cfg to find by certificate digest without calling

@@ -17,6 +17,7 @@ import ipaddress
 import json
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +98,11 @@ class MeshgenError(Exception):
 
 class AgentUnavailable(MeshgenError):
     """The agent answered 5xx: it could not reach its servers for an answer it does not cache."""
+
+
+class AgentRefused(MeshgenError):
+    """The agent would not serve this client now: connection refused, a connection closed or
+    reset unanswered (how Consul enforces limits.http_max_conns_per_client), or 429."""
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -200,6 +207,38 @@ class _UnixSocketPool(urllib3.HTTPConnectionPool):
         return _UnixSocketConnection(self._socket_path, timeout=self.timeout.connect_timeout)
 
 
+class _TrackingPool:
+    """Remembers the connections it opens, so that close() can also end those still in a long
+    poll: a run that stops waiting gives its connections back to the agent before it renders."""
+
+    def _new_conn(self):
+        conn = super()._new_conn()
+        self.opened.add(conn)
+        return conn
+
+    def close_all(self) -> None:
+        for conn in list(self.opened):
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.close()
+
+
+class _TCPPool(_TrackingPool, urllib3.HTTPConnectionPool):
+    pass
+
+
+class _TLSPool(_TrackingPool, urllib3.HTTPSConnectionPool):
+    pass
+
+
+class _UnixPool(_TrackingPool, _UnixSocketPool):
+    pass
+
+
 class UpstreamKey(NamedTuple):
     """What identifies an upstream, as Consul keeps upstreams unique."""
     kind: str                 # service | prepared_query
@@ -244,27 +283,39 @@ class ConsulClient:
     Built on urllib3 rather than requests: with a thousand upstreams, requests' per-call
     overhead was most of a run (1000 health fetches: 2.8 s through requests, 1.0 s here)."""
 
-    def __init__(self, settings: ConsulSettings, pool_size: int = 8):
+    def __init__(self, settings: ConsulSettings, pool_size: int = 8, block: bool = False):
+        """`block`: never more than `pool_size` connections; a request waits for a free one."""
         self.settings = settings
         parts = urlsplit(settings.base_url)
         self.prefix = parts.path.rstrip("/")
         headers = {name: value for name, value in (
             ("X-Consul-Token", settings.token), ("X-Consul-Namespace", settings.namespace),
             ("X-Consul-Partition", settings.partition)) if value}
-        common = dict(maxsize=pool_size, headers=headers, retries=False,
+        common = dict(maxsize=pool_size, block=block, headers=headers, retries=False,
                       timeout=urllib3.Timeout(connect=settings.timeout, read=settings.timeout))
         if settings.unix_socket:
-            self.pool = _UnixSocketPool(settings.unix_socket, **common)
+            self.pool = _UnixPool(settings.unix_socket, **common)
         elif parts.scheme == "https":
             if not settings.verify:
                 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
             cert, key = settings.client_cert or (None, None)
-            self.pool = urllib3.HTTPSConnectionPool(
+            self.pool = _TLSPool(
                 parts.hostname, parts.port or 443, cert_reqs="CERT_REQUIRED" if settings.verify else "CERT_NONE",
                 ca_certs=settings.ca_file, cert_file=cert, key_file=key,
                 server_hostname=settings.tls_server_name, assert_hostname=settings.verify and None, **common)
         else:
-            self.pool = urllib3.HTTPConnectionPool(parts.hostname, parts.port or 80, **common)
+            self.pool = _TCPPool(parts.hostname, parts.port or 80, **common)
+        self.pool.opened = weakref.WeakSet()
+
+    def close(self) -> None:
+        self.pool.close_all()
+
+    def hang_up(self) -> None:
+        """Close the idle keep-alive connections (the next request opens one again): the agent
+        counts them against this address's cap while the run waits."""
+        for conn in list(self.pool.pool.queue if self.pool.pool else ()):
+            if conn is not None:
+                conn.close()
 
     def get(self, path: str, params: dict | None = None) -> Reply:
         return self.request("GET", path, params)
@@ -276,17 +327,17 @@ class ConsulClient:
             response = self.pool.request(method, url, redirect=False,
                                          body=None if body is None else json.dumps(body).encode())
         except urllib3.exceptions.NewConnectionError:
-            raise MeshgenError(f"{where}: cannot reach the Consul agent at "
+            raise AgentRefused(f"{where}: cannot reach the Consul agent at "
                                f"{self.settings.unix_socket or self.settings.base_url} (connection refused)") from None
         except urllib3.exceptions.TimeoutError:
             raise MeshgenError(f"{where}: the Consul agent did not answer within "
                                f"{self.settings.timeout:g}s") from None
         except (urllib3.exceptions.HTTPError, OSError) as err:
-            raise MeshgenError(f"{where}: cannot reach the Consul agent at "
+            raise AgentRefused(f"{where}: cannot reach the Consul agent at "
                                f"{self.settings.unix_socket or self.settings.base_url} "
                                f"({_one_line(type(err).__name__)})") from None
         if response.status != 200:
-            error = AgentUnavailable if response.status >= 500 else MeshgenError
+            error = AgentUnavailable if response.status >= 500 else AgentRefused if response.status == 429 else MeshgenError
             raise error(f"{where}: {_status_message(response.status, response.data.decode('utf-8', 'replace'))}")
         try:
             data = json.loads(response.data)
@@ -400,7 +451,7 @@ def choose_chain(upstream: Upstream, answer: Reply | MeshgenError, kept: dict | 
         return ChainOutcome(check_chain(upstream, parse_chain(answer.data, upstream)), answer.data)
     except MeshgenError as err:
         problem = _one_line(str(err))
-    if kept is not None:
+    if isinstance(kept, dict) and isinstance(kept.get("Chain"), dict):
         try:
             return ChainOutcome(check_chain(upstream, parse_chain(kept, upstream)), kept, problem)
         except MeshgenError:
@@ -502,11 +553,24 @@ def fetch_instances(client: ConsulClient, query: Query, extra: dict | None = Non
 
 # =========================================================================== wait for a change
 #
-# `render --wait` blocks, all at once, on what the previous run saw: the registration by its
-# ContentHash, the roots, the leaf, the intentions, each upstream's discovery chain and each of
-# its targets' instances by index. A prepared query cannot block, so it is polled. The previous
-# run's markers live beside the bundle (STATE_FILE).
-
+# `render --wait` blocks on what the previous run saw: the registration by its ContentHash, the
+# roots, the leaf, the intentions, each upstream's discovery chain and each of its targets'
+# instances by index. A prepared query cannot block, so it is polled. The previous run's markers
+# live beside the bundle (STATE_FILE).
+#
+# Every sidecar on a node dials its agent from the same address, and Consul refuses more than
+# limits.http_max_conns_per_client (200) connections from one address. So a waiting run holds at
+# most --agent-connections, whatever its number of upstreams:
+#   direct  when the watch fits, one long poll per endpoint, as above;
+#   budget  otherwise BUDGET_CONNECTIONS: a long poll on the intentions; one on the datacenter's
+#           health checks (CHECKS_SIGNAL: any instance's check, or an instance registered or gone
+#           with its checks, moves its index; Consul 1.8.7 and the double alike), after which this
+#           sidecar's targets are re-read from the agent's cache (`?cached`: no server is asked);
+#           and every RESWEEP_SECONDS, on the third connection, the registration, roots, leaf,
+#           chains and targets, each from the agent's own state or cache, for what moves no check
+#           (a config entry, a weight, an instance without checks).
+# An agent that refuses (connection refused or cut, 429) gets a jittered, bounded backoff and
+# one line saying so; the wait goes on, and ends in an error if the agent still refuses then.
 
 @dataclass(frozen=True)
 class WatchState:
@@ -565,6 +629,20 @@ def write_state(out_dir: Path, state: WatchState) -> None:
 
 
 SWEEP_SECONDS = 0.5      # how often a waiting run ends connections past their lifetime
+AGENT_CONNECTIONS = 6    # default --agent-connections: a sidecar of one upstream still long-polls each endpoint
+BUDGET_CONNECTIONS = 3   # a watch that does not fit: the intentions, the checks signal, one reader
+# The render's parallel reads share this many: when a change ends the waits of many sidecars at
+# once, their renders must fit beside the others' waits (1000 upstreams: 2.5 s with 4, 2.3 s with 8).
+FETCH_CONNECTIONS = 4
+CHECKS_SIGNAL = Query("GET", "/v1/health/state/any", (("filter", 'CheckID == ""'),))   # the index, no body
+SIGNAL_ROUNDS_SECONDS = 1.0        # a busy datacenter moves its checks all the time: one re-read a second
+REREAD_AFTER_SIGNAL = (0.2, 1.5)   # the agent's cache follows its servers within moments; a second look
+RESWEEP_SECONDS = 5.0
+# Consul 1.8.7 holds a long poll whose client went away, counted against the cap, until its wait
+# is over (seen: the connections of ended waits in CLOSE-WAIT on the agent). A budget wait's long
+# polls ask for no longer than this, so that what a run leaves behind is gone within a minute.
+BUDGET_LONG_POLL_SECONDS = 60.0
+BACKOFF_SECONDS = (1.0, 30.0)      # first and longest pause after the agent refused
 
 
 def _intentions_index(client: ConsulClient, index: int, wait: dict) -> int:
@@ -578,74 +656,285 @@ def _intentions_index(client: ConsulClient, index: int, wait: dict) -> int:
         return index
 
 
-def wait_for_change(client: ConsulClient, state: WatchState, seconds: float, poll_interval: float,
-                    max_blocking: int, sweep=None) -> bool:
+class _Waiting:
+    """What the threads of one wait share: whether it is over, and what the agent refused."""
+
+    def __init__(self, agent: str, seconds: float, report):
+        self.agent, self.report = agent, report
+        self.deadline = time.monotonic() + seconds
+        self.changed, self.done = threading.Event(), threading.Event()
+        self.nudged = threading.Event()     # a change, or the checks signal moved: the reader looks
+        self.signalled: list = []           # when the checks signal moved
+        self.read = threading.Event()       # no re-read pending
+        self.read.set()
+        self.longest_poll = math.inf
+        self.lock = threading.Lock()
+        self.reported: set = set()
+        self.refusing: dict = {}        # watch -> the agent's last refusal, while it lasts
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def over(self) -> bool:
+        return self.done.is_set() or self.changed.is_set() or self.remaining() <= 0.05
+
+    def refused(self, watch: str, err: AgentRefused, attempt: int) -> float:
+        """Say once what the agent said (the cause, not each endpoint that met it); the pause
+        before the next try: doubling from the first, jittered so that the node's sidecars do not
+        come back together, never past the longest."""
+        first, longest = BACKOFF_SECONDS
+        cause = str(err).split(": ", 1)[-1]
+        with self.lock:
+            self.refusing[watch] = err
+            if cause not in self.reported:
+                self.reported.add(cause)
+                self.report(f"while waiting, the Consul agent at {self.agent} refused: {err}; "
+                            f"trying again with backoff (at most {longest:g}s apart)")
+        return min(longest, first * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+    def change(self) -> None:
+        self.changed.set()
+        self.nudged.set()
+
+    def signal(self, _index) -> None:
+        """The checks signal moved: the reader re-reads, and the signal asks again only then,
+        so that a re-read that ends the wait leaves no long poll behind on the agent."""
+        self.signalled.append(time.monotonic())
+        self.read.clear()
+        self.nudged.set()
+        self.read.wait(max(0.0, self.remaining()))
+
+    def answered(self, watch: str) -> None:
+        with self.lock:
+            self.refusing.pop(watch, None)
+
+    def pause(self, seconds: float) -> None:
+        self.changed.wait(max(0.0, min(seconds, self.remaining())))
+
+
+def _long_poll(waiting: _Waiting, watch: str, ask, marker, moved=None) -> None:
+    """Long-poll one endpoint until it differs from `marker`; again if the agent answers early
+    (it caps waits at 10 minutes), at most once a second. `moved(new)` is called on a change, if
+    given, and the poll goes on from there; without it, a change ends the wait."""
+    attempt = 0
+    while not waiting.over():
+        asked = time.monotonic()
+        try:
+            # Rounded up, so that an unchanged answer comes at the deadline, not just before.
+            answer = ask(marker, {"wait": f"{math.ceil(min(waiting.remaining(), waiting.longest_poll) * 1000)}ms"})
+        except AgentRefused as err:
+            if waiting.over():
+                return
+            waiting.pause(waiting.refused(watch, err, attempt))
+            attempt += 1
+            continue
+        except MeshgenError:
+            if not waiting.over():
+                waiting.change()            # the render that follows says what is wrong
+            return
+        attempt = 0
+        waiting.answered(watch)
+        if answer != marker:
+            if moved is None:
+                waiting.change()
+                return
+            moved(answer)
+            marker = answer
+        waiting.pause(SIGNAL_ROUNDS_SECONDS - (time.monotonic() - asked))
+
+
+FIXED_WATCHES = 4     # registration, roots, leaf, intentions
+
+
+def _fixed_watches(client: "ConsulClient", state: WatchState) -> list:
+    """(name, ask, marker) of what every sidecar has: registration, roots, leaf, intentions."""
+    service_path = f"/v1/agent/service/{quote(state.proxy_id, safe='')}"
+    leaf_path = f"/v1/agent/connect/ca/leaf/{quote(state.service, safe='')}"
+    return [
+        ("registration", lambda hash_, wait: client.get(service_path, dict(wait, hash=hash_)).data.get("ContentHash"),
+         state.registration_hash),
+        ("roots", lambda index, wait: client.get("/v1/agent/connect/ca/roots", dict(wait, index=index)).index,
+         state.roots_index),
+        ("leaf", lambda index, wait: client.get(leaf_path, dict(wait, index=index)).index, state.leaf_index),
+        ("intentions", lambda index, wait: _intentions_index(client, index, wait), state.intentions_index),
+    ]
+
+
+def _query_fetch(query: Query):
+    return fetch_chain if query.path.startswith(CHAIN_PATH) else fetch_instances
+
+
+def _query_watch(client: "ConsulClient", text: str, marker) -> tuple:
+    query = Query.parse(text)
+    fetch = _query_fetch(query)
+    return (str(query), lambda index, wait: fetch(client, query, dict(wait, index=index)).index, marker)
+
+
+def direct_connections(state: WatchState) -> int:
+    """The connections of a wait with one long poll per endpoint: one each, and one for the
+    polls (prepared queries) if any."""
+    blocking = sum(Query.parse(text).blocks for text in state.queries)
+    return FIXED_WATCHES + blocking + (blocking < len(state.queries))
+
+
+def watch_connections(state: WatchState, budget: int) -> int:
+    """How many agent connections a wait on `state` holds, with --agent-connections `budget`."""
+    direct = direct_connections(state)
+    return direct if direct <= budget else BUDGET_CONNECTIONS
+
+
+def checks_index(client: "ConsulClient") -> int | None:
+    """Where the checks signal stands; None if the agent would not say (the long poll will)."""
+    try:
+        return CHECKS_SIGNAL.ask(client).index or 0
+    except MeshgenError:
+        return None
+
+
+def _watch_checks(waiting: "_Waiting", client: "ConsulClient", index: int | None) -> None:
+    """The checks signal, from `index` on: each move nudges the reader."""
+    if index is None:
+        index = checks_index(client) or 0
+    _long_poll(waiting, "checks", lambda marker, wait: CHECKS_SIGNAL.ask(client, dict(wait, index=marker)).index,
+               index, waiting.signal)
+
+
+def _reread(client: "ConsulClient", state: WatchState, queries) -> bool:
+    """Whether any of `queries` (str(Query)) answers other than the last run saw."""
+    for text in queries:
+        query = Query.parse(text)
+        answer = _attempt(_query_fetch(query), client, query)
+        if isinstance(answer, AgentRefused):
+            raise answer            # backed off, not a change
+        if _marker(query, answer) != state.queries[text]:
+            return True
+    return False
+
+
+def _sweep_fixed(client: "ConsulClient", state: WatchState) -> bool:
+    """Whether the registration, the roots or the leaf differ from what the last run saw; plain
+    reads, from the agent's own state and cache."""
+    registration = client.get(f"/v1/agent/service/{quote(state.proxy_id, safe='')}")
+    roots = client.get("/v1/agent/connect/ca/roots")
+    leaf = client.get(f"/v1/agent/connect/ca/leaf/{quote(state.service, safe='')}")
+    return (not isinstance(registration.data, dict)
+            or str(registration.data.get("ContentHash", "")) != state.registration_hash
+            or roots.index != state.roots_index or leaf.index != state.leaf_index)
+
+
+def wait_for_change(settings: ConsulSettings, state: WatchState, seconds: float, poll_interval: float,
+                    budget: int, sweep=None, report=None) -> bool:
     """True as soon as anything the last run saw has changed (or cannot be read: the render
     that follows reports why), False when `seconds` pass without a change. `sweep`, if given,
-    runs every SWEEP_SECONDS meanwhile."""
+    runs every SWEEP_SECONDS meanwhile; `report` gets a line when the agent refuses. Never more
+    than watch_connections() connections to the agent, all closed on return."""
+    connections = watch_connections(state, budget)
+    client = ConsulClient(settings, pool_size=connections, block=True)
+    waiting = _Waiting(settings.unix_socket or settings.base_url, seconds, report or (lambda line: None))
+    budget_mode = direct_connections(state) > budget
+    if budget_mode:
+        waiting.longest_poll = BUDGET_LONG_POLL_SECONDS
+    try:
+        return _wait(client, state, waiting, poll_interval, budget_mode, sweep)
+    finally:
+        waiting.done.set()
+        waiting.read.set()
+        client.close()
+
+
+def _wait(client: "ConsulClient", state: WatchState, waiting: _Waiting, poll_interval: float,
+          budget_mode: bool, sweep) -> bool:
     # A dev agent restarted (or a cluster rebuilt) comes back with a new CA at indexes that can
     # equal the saved ones (measured on Consul 1.8.7): blocking on them would wait out the whole
     # period while the sidecar serves certificates of a dead CA. One plain read of the roots first.
-    try:
-        roots = client.get("/v1/agent/connect/ca/roots")
-    except MeshgenError:
-        return True
+    attempt = 0
+    while True:
+        try:
+            roots = client.get("/v1/agent/connect/ca/roots")
+            break
+        except AgentRefused as err:
+            waiting.pause(waiting.refused("roots", err, attempt))
+            attempt += 1
+            if waiting.remaining() <= 0.05:
+                raise _still_refused(waiting) from None
+        except MeshgenError:
+            return True
+    waiting.answered("roots")
     if not isinstance(roots.data, dict) or str(roots.data.get("ActiveRootID", "")) != state.active_root_id:
         return True
-    changed = threading.Event()
-    deadline = time.monotonic() + seconds
-
-    def block(ask, marker):
-        """Long-poll one endpoint until it differs; again if the agent answers early (it caps
-        waits at 10 minutes), at most once a second."""
-        try:
-            while not changed.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0.05:
-                    return
-                asked = time.monotonic()
-                # Rounded up, so that an unchanged answer comes at the deadline, not just before.
-                if ask(marker, {"wait": f"{math.ceil(remaining * 1000)}ms"}) != marker:
-                    changed.set()
-                    return
-                time.sleep(max(0.0, 1.0 - (time.monotonic() - asked)))
-        except MeshgenError:
-            changed.set()
-
-    service_path = f"/v1/agent/service/{quote(state.proxy_id, safe='')}"
-    leaf_path = f"/v1/agent/connect/ca/leaf/{quote(state.service, safe='')}"
-    watches = [
-        (lambda hash_, wait: client.get(service_path, dict(wait, hash=hash_)).data.get("ContentHash"),
-         state.registration_hash),
-        (lambda index, wait: client.get("/v1/agent/connect/ca/roots", dict(wait, index=index)).index,
-         state.roots_index),
-        (lambda index, wait: client.get(leaf_path, dict(wait, index=index)).index, state.leaf_index),
-        (lambda index, wait: _intentions_index(client, index, wait), state.intentions_index),
-    ]
-    polled = []
-    for text, marker in sorted(state.queries.items()):
-        query = Query.parse(text)
-        fetch = functools.partial(_attempt, fetch_chain if query.path.startswith(CHAIN_PATH) else fetch_instances)
-        if not query.blocks or len(watches) >= max_blocking or str(marker).startswith("error:"):
-            polled.append((query, fetch, marker))
-        else:
-            watches.append((lambda index, wait, query=query, fetch=fetch: _marker(query, fetch(client, query, dict(wait, index=index))),
-                            marker))
-    for ask, marker in watches:
-        threading.Thread(target=block, args=(ask, marker), daemon=True).start()
-    next_poll = time.monotonic() + poll_interval
+    fixed = _fixed_watches(client, state)
+    # A query the agent refused last time has no index to block on: it is read again with the
+    # polls, and the same refusal is no change (see _marker).
+    polled = [text for text, marker in state.queries.items()
+              if not Query.parse(text).blocks or str(marker).startswith("error:")]
+    if budget_mode:
+        # The signal's index before the first re-read: a change in between is then either read or signalled.
+        threads = [(_long_poll, (waiting, *fixed[3])), (_watch_checks, (waiting, client, checks_index(client)))]
+        rereads = sorted(text for text in state.queries if Query.parse(text).blocks)
+        targets = [text for text in rereads if not Query.parse(text).path.startswith(CHAIN_PATH)]
+    else:
+        threads = [(_long_poll, (waiting, *watch)) for watch in fixed + [
+            _query_watch(client, text, marker) for text, marker in sorted(state.queries.items())
+            if text not in polled]]
+        rereads, targets = [], []
+    for target, args in threads:
+        threading.Thread(target=target, args=args, daemon=True).start()
+    now = time.monotonic()
+    # A budget wait re-reads everything once at its start: the checks signal starts from where it
+    # stands now, so a change since the last run's reads would otherwise wait for the next sweep.
+    next_poll, next_sweep = now + poll_interval, now
+    due_rereads: list = []
+    attempt, retry_at = 0, 0.0
     while True:
-        wake = min(next_poll, deadline, time.monotonic() + SWEEP_SECONDS if sweep else math.inf)
-        if changed.wait(max(0.0, wake - time.monotonic())):
+        moves = []
+        while waiting.signalled:        # pop() alone: the checks thread appends meanwhile
+            moves.append(waiting.signalled.pop())
+        if moves:
+            due_rereads = [max(moves) + delay for delay in REREAD_AFTER_SIGNAL]
+        if not due_rereads:
+            waiting.read.set()
+        wakes = [next_poll if polled else math.inf, *due_rereads[:1], next_sweep if budget_mode else math.inf]
+        # While the reader backs off, what is due waits for it (a change still ends the wait).
+        wake = min(max(min(wakes), retry_at), waiting.deadline,
+                   time.monotonic() + SWEEP_SECONDS if sweep else math.inf)
+        waiting.nudged.wait(max(0.0, wake - time.monotonic()))
+        waiting.nudged.clear()
+        if waiting.changed.is_set():
             return True
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= waiting.deadline:
+            if waiting.refusing:
+                raise _still_refused(waiting)
             return False
         if sweep:
             sweep()
-        if time.monotonic() >= next_poll:
-            next_poll = time.monotonic() + poll_interval
-            if any(_marker(query, fetch(client, query)) != marker for query, fetch, marker in polled):
-                return True
+        if now < retry_at:
+            continue
+        try:
+            if due_rereads and now >= due_rereads[0]:
+                due_rereads.pop(0)
+                if _reread(client, state, targets):
+                    return True
+            if budget_mode and now >= next_sweep:
+                next_sweep = now + RESWEEP_SECONDS
+                if _sweep_fixed(client, state) or _reread(client, state, rereads):
+                    return True
+            if polled and now >= next_poll:
+                next_poll = now + poll_interval
+                if _reread(client, state, polled):
+                    return True
+            attempt = 0
+            waiting.answered("reader")
+        except AgentRefused as err:
+            retry_at = now + waiting.refused("reader", err, attempt)
+            attempt += 1
+        except MeshgenError:
+            return True
+
+
+def _still_refused(waiting: _Waiting) -> MeshgenError:
+    last = next(iter(waiting.refusing.values()), None)
+    return AgentRefused(f"the wait ended with the Consul agent at {waiting.agent} still refusing: {last}")
 
 
 # =========================================================================== model
@@ -1503,16 +1792,19 @@ def model_upstreams(sidecar: Sidecar, data: AgentData, previous: WatchState | No
 
 
 def _kept_instances(kept) -> tuple[Instance, ...]:
-    """Instances a state file kept, checked again as any value read back is."""
+    """Instances a state file kept, checked again as any value read back is; none if any of
+    them is not as this code writes them."""
     found = []
-    for address, weight, service in kept or ():
-        host_port = address if not address.startswith("unix@") else None
-        if host_port is None:
-            check_path(address[len("unix@"):], "state file: instance")
-        else:
-            check_host_port(host_port, "state file: instance")
-        found.append(Instance(address, min(max(check_int(weight, "state file: weight"), 0), 256),
-                              check_name(service, "state file: service")))
+    try:
+        for address, weight, service in kept or ():
+            if address.startswith("unix@"):
+                check_path(address[len("unix@"):], "state file: instance")
+            else:
+                check_host_port(address, "state file: instance")
+            found.append(Instance(address, min(max(check_int(weight, "state file: weight"), 0), 256),
+                                  check_name(service, "state file: service")))
+    except (MeshgenError, TypeError, ValueError, AttributeError):
+        return ()
     return tuple(found)
 
 
@@ -1647,7 +1939,7 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
 # =========================================================================== intentions
 #
 # Consul's intentions for this service become intentions.map in the bundle, which haproxy.cfg
-# looks up on each connection (in HTTP mode, each request): the caller's namespace/service, as
+# looks up on each connection (in HTTP mode, each request): the caller's partition/namespace/service, as
 # authorize.lua reads it from the SPIFFE ID, to a decision. No agent call on a connection's
 # path; every thread, and every worker after a reload, decides alike; with the agent down, the
 # last decisions stand (fail static). Consul stays the oracle: a caller that no intention names
@@ -1662,6 +1954,10 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
 # as it does for Envoy.
 
 UNNAMED_CALLER = "*"      # intentions.map's line for every caller no other line names
+# A caller is partition/namespace/service (OSS: default/default/NAME). A "*" source reaches every
+# service of its namespace, partition/namespace/*, or with namespace "*" every service of its
+# partition, partition/*/*. haproxy.cfg looks a caller up in that order, most specific first, as
+# Consul ranks their precedence, and UNNAMED_CALLER last: the agent's answer for the rest.
 _REASON_UNSAFE = re.compile(r"[^A-Za-z0-9 ._:/*=>(),-]")
 _QUOTABLE = re.compile(r"[\x20-\x26\x28-\x7e]{0,512}")      # printable ASCII but "'"
 _HEADER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -1694,7 +1990,7 @@ class L7Rules:
 
 @dataclass(frozen=True)
 class Decision:
-    caller: str       # namespace/service, or UNNAMED_CALLER
+    caller: str       # partition/namespace/service, a wildcard of one, or UNNAMED_CALLER
     verdict: str      # allow, deny, or an L7Rules tag
     reason: str       # logged with the connection: safe characters only, no "|"
 
@@ -1715,7 +2011,7 @@ class Intentions:
 @dataclass(frozen=True)
 class Intention:
     """One entry of the agent's match list, checked."""
-    caller: str                          # namespace/name, or UNNAMED_CALLER for a "*" source
+    caller: str                          # partition/namespace/name, a wildcard key, or UNNAMED_CALLER
     action: str | None                   # allow or deny; None for an L7 intention
     permissions: tuple[tuple[str, tuple[Match, ...]], ...]   # (allow|deny, matches)
     text: str                            # source => destination (precedence N)
@@ -1807,8 +2103,8 @@ def parse_intention(entry, field: str) -> Intention:
     if not isinstance(entry, dict):
         raise MeshgenError(f"{field}: not an object")
     source, destination = _intention_name(entry, "Source", field), _intention_name(entry, "Destination", field)
+    caller = _caller_key(entry, source, field)
     namespace = entry.get("SourceNS") or "default"
-    namespace = namespace if namespace == "*" else check_name(namespace, f"{field}.SourceNS")
     permissions = tuple(parse_permission(raw, f"{field}.Permissions[{i}]")
                         for i, raw in enumerate(_list(entry.get("Permissions"), f"{field}.Permissions")))
     action = None if permissions else entry.get("Action")
@@ -1817,7 +2113,18 @@ def parse_intention(entry, field: str) -> Intention:
     precedence = entry.get("Precedence")
     text = (f"{namespace}/{source} => {entry.get('DestinationNS') or 'default'}/{destination} "
             f"(precedence {precedence if isinstance(precedence, int) else '?'})")
-    return Intention(UNNAMED_CALLER if source == "*" else f"{namespace}/{source}", action, permissions, text)
+    return Intention(caller, action, permissions, text)
+
+
+def _caller_key(entry: dict, source: str, field: str) -> str:
+    """The intentions.map key of an intention's source (see UNNAMED_CALLER)."""
+    partition = check_name(entry.get("SourcePartition") or "default", f"{field}.SourcePartition")
+    namespace = entry.get("SourceNS") or "default"
+    if namespace == "*" and source != "*":
+        raise MeshgenError(f"{field}.SourceNS: '*' needs SourceName '*' too")
+    if namespace != "*":
+        check_name(namespace, f"{field}.SourceNS")
+    return f"{partition}/{namespace}/{source}"
 
 
 def parse_intentions(entries: list, field: str) -> tuple[list[Intention], tuple[str, ...]]:
@@ -1842,32 +2149,45 @@ def parse_intentions(entries: list, field: str) -> tuple[list[Intention], tuple[
 def _named_caller(entry) -> str | None:
     """The caller a malformed intention names, if that much of it is sound."""
     try:
-        source = _intention_name(entry, "Source", "")
-        namespace = entry.get("SourceNS") or "default"
-        if source == "*":
-            return UNNAMED_CALLER
-        return f"{check_name(namespace, '')}/{source}"
+        return _caller_key(entry, _intention_name(entry, "Source", ""), "")
     except (MeshgenError, AttributeError):
         return None
 
 
-def deciding_intentions(intentions: list[Intention]) -> tuple[dict, Intention | None]:
-    """From Consul's order (highest precedence first), the intention that decides each named
-    caller: the first whose source is the caller or "*". A caller that a "*" intention reaches
-    first is decided as any unnamed caller, by the first "*" intention (returned too)."""
-    named, wildcard = {}, None
+def wider_keys(caller: str) -> tuple[str, ...]:
+    """The wildcard keys that also reach `caller`, most specific first: the order haproxy.cfg
+    looks them up in after the caller's own."""
+    partition, namespace, service = caller.split("/")
+    return ((f"{partition}/{namespace}/*",) if service != "*" else ()) + (
+        (f"{partition}/*/*",) if namespace != "*" else ())
+
+
+def deciding_intentions(intentions: list[Intention]) -> dict:
+    """From Consul's order (highest precedence first), the intention that decides each key: the
+    first whose source is the key itself or a wildcard reaching it. A key that a wider wildcard
+    reached first gets no line: the lookup falls through to that wildcard's."""
+    named, wildcards = {}, set()
     for intention in intentions:
-        if intention.caller == UNNAMED_CALLER:
-            wildcard = wildcard or intention
-        elif wildcard is None:
-            named.setdefault(intention.caller, intention)
-    return named, wildcard
+        key = intention.caller
+        if not wildcards.intersection(wider_keys(key)):
+            named.setdefault(key, intention)
+        if key.endswith("/*"):
+            wildcards.add(key)
+    return named
+
+
+def decision_of(decisions: dict, caller: str) -> str:
+    """A caller's map value, looked up as haproxy.cfg does: its own key, then wider ones."""
+    for key in (caller, *wider_keys(caller), UNNAMED_CALLER):
+        if key in decisions:
+            return decisions[key]
+    return "deny|"
 
 
 def unnamed_caller_uri(leaf_spiffe_id: str, intentions: list[Intention]) -> str:
     """A SPIFFE ID of this mesh for a service that no intention names: the agent's answer for
     it is its answer for every such caller."""
-    names = {intention.caller.split("/", 1)[-1] for intention in intentions}
+    names = {intention.caller.rsplit("/", 1)[-1] for intention in intentions}
     name = "meshgen-unnamed-caller"
     while name in names:
         name += "-x"
@@ -1877,7 +2197,7 @@ def unnamed_caller_uri(leaf_spiffe_id: str, intentions: list[Intention]) -> str:
 def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_reason: str) -> Intentions:
     """What intentions.map and haproxy.cfg's L7 rules hold: each named caller's decision, the
     agent's for everyone else, and the rules of each L7 intention that decides someone."""
-    named, wildcard = deciding_intentions(intentions)
+    named = deciding_intentions(intentions)
     agent_verdict = "allow" if agent_allows else "deny"
     rules: dict[Intention, L7Rules] = {}
 
@@ -1893,15 +2213,12 @@ def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_re
             for i, (action, matches) in enumerate(intention.permissions, 1))))
         return Decision(caller, found.tag, _safe_reason(f"L7 intention: {intention.text}"))
     decisions = [decision(caller, named[caller]) for caller in sorted(named)]
-    # The agent's answer for an unnamed caller already weighs a sound "*" intention; it does not
-    # know that meshgen refused a malformed one, which denies.
-    if wildcard is not None and (wildcard.action is None or wildcard.invalid):
-        decisions.append(decision(UNNAMED_CALLER, wildcard))
-    else:
-        decisions.append(Decision(UNNAMED_CALLER, agent_verdict, _safe_reason(
-            f"no intention names the caller, the agent says: {agent_reason or agent_verdict}")))
-    return Intentions(tuple(decisions), tuple(rules.values()),
-                      unmatched=agent_verdict if wildcard is None else "deny")
+    decisions.append(Decision(UNNAMED_CALLER, agent_verdict, _safe_reason(
+        f"no intention names the caller, the agent says: {agent_reason or agent_verdict}")))
+    # A request no permission of an L7 intention matches gets Consul's default; the agent's
+    # answer is that only while no wildcard intention weighs in on it, and unknown otherwise.
+    wildcard = any(key.endswith("/*") for key in named)
+    return Intentions(tuple(decisions), tuple(rules.values()), unmatched="deny" if wildcard else agent_verdict)
 
 
 # =========================================================================== render
@@ -2706,7 +3023,7 @@ def close_denied(runtime: RuntimeAPI, decisions: dict) -> str | None:
     lists none of them. Twice: a connection decided just before the map's commit may be
     tracked just after the first look."""
     def denied(caller: str) -> bool:     # L7 callers are decided on each request instead
-        return decisions.get(caller, decisions.get(UNNAMED_CALLER, "deny|")).startswith("deny|")
+        return decision_of(decisions, caller).startswith("deny|")
     addresses: set = set()
     for _ in range(2):
         tracked = runtime.open_connections()
@@ -2850,11 +3167,11 @@ def _check_usage(ctx_params: dict) -> None:
         raise click.UsageError("give exactly one of --sidecar-for and --proxy-id")
 
 
-def _connect(ctx_params: dict) -> tuple[ConsulSettings, ConsulClient, str]:
+def _connect(ctx_params: dict, **pool) -> tuple[ConsulSettings, ConsulClient, str]:
     _check_usage(ctx_params)
     sidecar_for, proxy_id = ctx_params.pop("sidecar_for"), ctx_params.pop("proxy_id")
     settings = consul_settings(**ctx_params)
-    client = ConsulClient(settings)
+    client = ConsulClient(settings, **pool)
     return settings, client, proxy_id or find_sidecar_id(client, sidecar_for)
 
 
@@ -2942,7 +3259,7 @@ class RenderRequest:
     dry_run: bool = False
     wait_seconds: float | None = None
     poll_seconds: float = 30.0
-    max_blocking: int = 256
+    agent_connections: int = AGENT_CONNECTIONS
     runtime_socket: Path | None = None
     strict: bool = False                # a bad item fails the run instead of costing itself
 
@@ -2981,7 +3298,8 @@ class RenderResult:
 def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str, request: RenderRequest,
                notify=lambda line: None) -> RenderResult:
     """One render, step by step; it decides no exit code, and prints only through `notify`, for
-    what the user must know while the run is still under way."""
+    what the user must know while the run is still under way: another run holds --out, the
+    agent refuses while the run waits."""
     out_dir = request.out_dir
     # 1. What the last run saw: the markers --wait blocks on.
     previous = _previous_run(out_dir, proxy_id)
@@ -2989,14 +3307,14 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str, re
     #    meanwhile, with the runtime socket, end connections past their lifetime. No lock is
     #    held while waiting: an operator's run may write meanwhile.
     if request.wait_seconds and previous is not None and not request.dry_run:
-        watcher = ConsulClient(dataclasses.replace(settings, timeout=settings.timeout + request.wait_seconds * 17 / 16),
-                               pool_size=request.max_blocking)
+        client.hang_up()
+        watching = dataclasses.replace(settings, timeout=settings.timeout + request.wait_seconds * 17 / 16)
         sweep = None
         if request.runtime_socket is not None and previous.connection_lifetime_ms:
             runtime = RuntimeAPI(request.runtime_socket)
             sweep = functools.partial(end_old_connections, runtime, previous.connection_lifetime_ms)
-        if not wait_for_change(watcher, previous, request.wait_seconds, request.poll_seconds,
-                               request.max_blocking, sweep):
+        if not wait_for_change(watching, previous, request.wait_seconds, request.poll_seconds,
+                               request.agent_connections, sweep, notify):
             return RenderResult(proxy_id, waited_out=True)
     # 3. One writer per --out from here on (a dry run reads under a shared lock): two runs
     #    interleaved would swap in each other's half-cleaned bundles.
@@ -3110,8 +3428,12 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
                    "(then render) or DURATION passes (exit 0). The first run returns at once.")
 @click.option("--poll-interval", default="30s", show_default=True, metavar="DURATION",
               help="With --wait: how often prepared queries, which cannot block, are polled.")
-@click.option("--max-blocking", type=click.IntRange(3, 4096), default=256, show_default=True,
-              help="With --wait: most long polls open at once; further upstreams are polled.")
+@click.option("--agent-connections", type=click.IntRange(BUDGET_CONNECTIONS, 4096), default=AGENT_CONNECTIONS,
+              show_default=True,
+              help="Most connections a run holds to the agent, waiting or fetching. A watch that needs "
+                   f"more long polls waits over {BUDGET_CONNECTIONS}: see docs/watching.md.")
+@click.option("--max-blocking", type=click.IntRange(3, 4096), default=None, hidden=True,
+              help="Replaced by --agent-connections; accepted, and ignored.")
 @click.option("--runtime-socket", type=click.Path(path_type=Path), default=None,
               help="HAProxy's admin socket: apply a change of CA roots, leaf or upstream instances "
                    "live, check that it took effect, and exit 0; else exit 3.")
@@ -3121,7 +3443,8 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
 @click.pass_context
 def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run: bool,
                    admin_socket: Path | None, wait_for: str | None, poll_interval: str,
-                   max_blocking: int, runtime_socket: Path | None, strict: bool, **consul):
+                   agent_connections: int, max_blocking: int | None, runtime_socket: Path | None, strict: bool,
+                   **consul):
     """Fetch the sidecar from the local agent, render, validate and swap in its bundle."""
     _check_usage(consul)
     request = RenderRequest(
@@ -3131,14 +3454,16 @@ def render_command(ctx, out_dir: Path, haproxy: str, no_validate: bool, dry_run:
         dry_run=dry_run,
         wait_seconds=duration(wait_for, "--wait"),
         poll_seconds=duration(poll_interval, "--poll-interval"),
-        max_blocking=max_blocking,
+        agent_connections=agent_connections,
         runtime_socket=runtime_socket,
         strict=strict)
     check_path(str(out_dir.resolve()), "--out")
-    settings, client, proxy_id = _connect(consul)
+    settings, client, proxy_id = _connect(consul, pool_size=min(FETCH_CONNECTIONS, agent_connections), block=True)
 
     def say(text: str) -> None:
         click.echo(f"meshgen: {proxy_id}: {text}", err=True)
+    if max_blocking is not None:
+        say("--max-blocking is replaced by --agent-connections, and ignored")
     result = run_render(settings, client, proxy_id, request, notify=say)
 
     for warning in result.warnings:

@@ -709,6 +709,7 @@ class ConsulDouble:
             (r"/v1/agent/connect/ca/leaf/(.+)", ("GET",), self._leaf_ep),
             (r"/v1/agent/connect/authorize", ("POST",), self._authorize_ep),
             (r"/v1/health/connect/(.*)", ("GET",), self._health_ep),
+            (r"/v1/health/state/([^/]+)", ("GET",), self._checks_in_state_ep),
             (r"/v1/catalog/connect/(.*)", ("GET",), self._catalog_ep),
             (r"/v1/query/([^/]+)/execute", ("GET",), self._query_ep),
             (r"/v1/agent/self", ("GET",), self._self_ep),
@@ -851,6 +852,23 @@ class ConsulDouble:
         if any(not self._allowed(token, inst.service["Service"], "read") for inst in self.instances.get(name, [])):
             headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return 200, self.health_bodies[key], headers
+
+    def _checks_index(self) -> int:
+        """The checks table's index: any instance's check, or an instance registered or gone with
+        its checks, moves it (so on Consul 1.8.7 too, checked there)."""
+        return max([self.unserved_index, *self.health_index.values()])
+
+    def _checks_in_state_ep(self, state, query, secret, body):
+        if state not in ("any", "passing", "warning", "critical"):
+            raise HTTPError(400, f"Bad check state {state!r}")
+        self._check_dc(query)
+        self._block(self._checks_index, query)
+        token = self._token(secret)
+        predicate = _filter(query["filter"]) if "filter" in query else (lambda check: True)
+        checks = [check for instances in self.instances.values() for inst in instances for check in inst.checks
+                  if (state == "any" or check["Status"] == state) and predicate(check)
+                  and self._allowed(token, inst.service["Service"], "read")]
+        return 200, checks, _meta(self._checks_index())
 
     def _catalog_ep(self, name, query, secret, body):
         if not name:

@@ -37,11 +37,12 @@ def consul_version(binary: str) -> str:
 class ConsulProcess:
     """One `consul agent` on loopback ports of its own: a dev agent (server and client in one,
     state in memory), or with dev=False a server with its data on disk (server=True) or a client
-    agent; `join` names the serf address of an agent to join."""
+    agent; `join` names the serf address of an agent to join; `limits`, the agent's `limits` block
+    (such as a low http_max_conns_per_client)."""
 
     def __init__(self, binary: str, *, acl_master_token: str | None = None, bind: str = "127.0.0.1",
-                 server: bool = True, join: str | None = None, dev: bool = True):
-        self.binary, self.bind, self.token = binary, bind, acl_master_token
+                 server: bool = True, join: str | None = None, dev: bool = True, limits: dict | None = None):
+        self.binary, self.bind, self.token, self.limits = binary, bind, acl_master_token, limits
         self.server, self.join, self.dev = server, join, dev
         self.ports = {name: free_port() for name in ("http", "serf_lan", "serf_wan", "server")}
         self.url = f"http://{bind}:{self.ports['http']}"
@@ -54,6 +55,8 @@ class ConsulProcess:
         hcl = {"ports": {"http": self.ports["http"], "serf_lan": self.ports["serf_lan"],
                          "serf_wan": self.ports["serf_wan"], "server": self.ports["server"],
                          "dns": -1, "grpc": -1}}
+        if self.limits:
+            hcl["limits"] = self.limits
         if self.token:
             hcl["acl"] = {"enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
                           "tokens": {"master": self.token, "agent": self.token}}

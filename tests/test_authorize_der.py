@@ -148,14 +148,17 @@ end
 
 @pytest.mark.parametrize("binary", LUAS)
 def test_the_caller_is_the_namespace_and_service_of_a_service_identity(binary, tmp_path):
-    """intentions.map names callers namespace/service; any identity that is not a service's
-    (an agent's, a mesh gateway's, a bare domain) names none, and is refused."""
+    """intentions.map names callers partition/namespace/service (a SPIFFE ID without a partition
+    is of "default"); any identity that is not a service's (an agent's, a mesh gateway's, a bare
+    domain), or whose names no intention could hold, names none, and is refused."""
     lua = shutil.which(binary)
     if lua is None:
         pytest.skip(f"{binary} is not installed (.ci/run installs it)")
     uris = {
-        "spiffe://1111.consul/ns/default/dc/dc1/svc/api": "default/api",
-        "spiffe://1111.consul/ap/team/ns/billing/dc/dc1/svc/api": "billing/api",
+        "spiffe://1111.consul/ns/default/dc/dc1/svc/api": "default/default/api",
+        "spiffe://1111.consul/ap/team/ns/billing/dc/dc1/svc/api": "team/billing/api",
+        "spiffe://1111.consul/ns/default/dc/dc1/svc/-i": "nil",
+        "spiffe://1111.consul/ap/te~am/ns/billing/dc/dc1/svc/api": "nil",
         "spiffe://1111.consul/agent/client/dc/dc1/id/abc": "nil",
         "spiffe://1111.consul/ns/default/dc/dc1/svc/api/extra": "nil",
         "spiffe://1111.consul/ns/default/dc/dc1/svc/": "nil",

@@ -449,7 +449,7 @@ def injection_traces(config: str) -> list[str]:
     return traces
 
 
-MAP_LINE = re.compile(r"(\*|[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*) (allow|deny|l7-[0-9]+)\|[A-Za-z0-9 ._:/*=>(),?-]{0,200}")
+MAP_LINE = re.compile(r"(\*|(?:[A-Za-z0-9][A-Za-z0-9_.-]*/){2}[A-Za-z0-9][A-Za-z0-9_.-]*|[A-Za-z0-9][A-Za-z0-9_.-]*/(?:[A-Za-z0-9][A-Za-z0-9_.-]*|\*)/\*) (allow|deny|l7-[0-9]+)\|[A-Za-z0-9 ._:/*=>(),?-]{0,200}")
 
 
 def map_traces(intentions_map: str) -> list[str]:

@@ -8,6 +8,7 @@ next wait predates it, so that the wait wakes."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_a_deny_written_after_any_read_of_a_run_reaches_the_bundle(tmp_path):
             then = run_meshgen("render", "--sidecar-for", "redis", "--out", str(out), "--no-validate",
                                "--wait", "3s", env=agent_env(agent))
             assert then.code in (0, 3), then.err
-            assert _decision(out, "default/www") == "deny", (
+            assert _decision(out, "default/default/www") == "deny", (
                 f"the deny written after read {k + 1} ({seen[k] if k < len(seen) else '?'}) was lost")
 
 
@@ -148,3 +149,21 @@ def test_wait_zero_renders_a_change_at_once(seeded_double, tmp_path):
     assert run_meshgen(*_render_args(out), env=agent_env(seeded_double)).code == 3
     seeded_double.set_intention("*", "www", "deny")
     assert run_meshgen(*_render_args(out, "--wait", "0"), env=agent_env(seeded_double)).code == 3
+
+
+def test_a_state_file_with_damaged_kept_items_costs_nothing_but_them(seeded_double, tmp_path):
+    """What the last run kept is read back like any input: damaged, it is not used, and the run
+    goes on (a target the agent refuses then has no instances, one line says so)."""
+    out = tmp_path / "out"
+    args = ["render", "--sidecar-for", "www", "--out", str(out), "--no-validate"]
+    assert run_meshgen(*args, env=agent_env(seeded_double)).code == 3
+    state = json.loads((out / meshgen.STATE_FILE).read_text())
+    state["kept_instances"] = {query: [["10.0.0.1 x", 1, "redis"], 7] for query in state["kept_instances"]}
+    state["kept_chains"] = {query: ["not", "a", "chain"] for query in state["kept_chains"]}
+    (out / meshgen.STATE_FILE).write_text(json.dumps(state))
+    seeded_double.inject("/v1/health/connect/redis", status=500, body="no servers")
+    seeded_double.inject("/v1/discovery-chain/redis", status=500, body="no servers")
+    run = run_meshgen(*args, env=agent_env(seeded_double))
+    assert run.code == 3, run.stderr
+    assert "Traceback" not in run.stderr
+    assert len([line for line in run.stderr.splitlines() if ": skipped: " in line]) == 1, run.stderr

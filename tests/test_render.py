@@ -5,6 +5,7 @@ diff before committing it."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import os
 import random
@@ -12,6 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import meshgen
 from consul_double import ConsulDouble, _ChainCompiler, _filter
@@ -173,15 +176,40 @@ def test_full_example_carries_every_setting():
 
 def test_intentions_map_gives_each_named_caller_consuls_first_match_and_the_rest_the_agents_answer():
     """Consul's order decides: `late` (exact source, * destination, precedence 6) comes after
-    `* => web` (8), so the wildcard decides it, as it decides any unnamed caller; an L7
-    intention gives its caller its rules' tag; the agent's reason is made safe."""
+    `* => web` (8), so the wildcard decides it: `late` gets no line of its own and falls through
+    to the wildcard's, as any caller of the namespace does; an L7 intention gives its caller its
+    rules' tag; the rest get the agent's answer, its reason made safe."""
     lines = [line for line in bundle("full").files["intentions.map"].decode().splitlines()
              if not line.startswith("#")]
-    assert [line.split(" ", 1)[0] for line in lines] == ["default/api", "default/billing", "*"]
-    assert lines[0].startswith("default/api allow|intention: default/api => default/web (precedence 9)")
-    assert lines[1].startswith("default/billing l7-1|L7 intention: default/billing => default/web")
-    assert lines[2] == ("* deny|no intention names the caller, the agent says: Matched intention: DENY "
+    assert [line.split(" ", 1)[0] for line in lines] == [
+        "default/default/*", "default/default/api", "default/default/billing", "*"]
+    assert lines[0].startswith("default/default/* deny|intention: default/* => default/web (precedence 8)")
+    assert lines[1].startswith("default/default/api allow|intention: default/api => default/web (precedence 9)")
+    assert lines[2].startswith("default/default/billing l7-1|L7 intention: default/billing => default/web")
+    assert lines[3] == ("* deny|no intention names the caller, the agent says: Matched intention: DENY "
                         "default/* => default/web (ID: 1?2?X, Precedence: 8)")
+    decisions = dict(line.split(" ", 1) for line in lines)
+    assert meshgen.decision_of(decisions, "default/default/late").startswith("deny|")
+    assert meshgen.decision_of(decisions, "default/default/api").startswith("allow|")
+    assert meshgen.decision_of(decisions, "team/default/api").startswith("deny|no intention")
+
+
+def test_a_namespace_wildcard_reaches_its_namespace_only_and_the_partition_is_part_of_the_caller():
+    """Consul Enterprise: `ns-a/*` is every service of namespace ns-a, not every caller; and the
+    same name in another partition is another caller."""
+    entries = [dict(entry, DestinationName="web") for entry in (
+        {"SourceName": "api", "SourceNS": "ns-a", "SourcePartition": "team", "Action": "deny", "Precedence": 9},
+        {"SourceName": "*", "SourceNS": "ns-a", "Action": "allow", "Precedence": 8},
+        {"SourceName": "*", "SourceNS": "*", "SourcePartition": "team", "Action": "allow", "Precedence": 7})]
+    listed, skipped = meshgen.parse_intentions(entries, "i")
+    assert skipped == ()
+    decided = meshgen.decide(listed, False, False, "default deny")
+    decisions = {d.caller: d.map_value for d in decided.decisions}
+    assert set(decisions) == {"team/ns-a/api", "default/ns-a/*", "team/*/*", "*"}
+    verdict = {caller: meshgen.decision_of(decisions, caller).split("|")[0] for caller in (
+        "team/ns-a/api", "default/ns-a/api", "default/ns-a/web", "default/ns-b/web", "team/ns-b/web", "other/ns-a/api")}
+    assert verdict == {"team/ns-a/api": "deny", "default/ns-a/api": "allow", "default/ns-a/web": "allow",
+                       "default/ns-b/web": "deny", "team/ns-b/web": "allow", "other/ns-a/api": "deny"}
 
 
 def test_l7_permissions_become_request_rules_in_consuls_order():
@@ -202,7 +230,9 @@ def test_l7_permissions_become_request_rules_in_consuls_order():
 
 def test_on_a_tcp_service_an_l7_intention_denies():
     decided = intentions("full", http=False)
-    assert [d.verdict for d in decided.decisions] == ["allow", "deny", "deny"] and decided.l7 == ()
+    assert {d.caller: d.verdict for d in decided.decisions} == {
+        "default/default/*": "deny", "default/default/api": "allow", "default/default/billing": "deny", "*": "deny"}
+    assert decided.l7 == ()
 
 
 @pytest.mark.parametrize("entry, field", [
@@ -422,3 +452,78 @@ def test_the_manifest_is_rendered_from_the_model_byte_for_byte():
         dataclasses.replace(upstream.backends[0], connect_timeout_ms=upstream.backends[0].connect_timeout_ms + 1),
         *upstream.backends[1:]))
     assert fixed(manifest(dataclasses.replace(full, upstreams=(slower, *full.upstreams[1:])))) != fixed(manifest(full))
+
+
+def _entry(address: str, status: str = "passing", weights: dict | None = None, node_dc: str = "dc1",
+           tagged: dict | None = None, node_wan: str | None = None) -> dict:
+    """A health entry of an api sidecar, as the agent gives it."""
+    node = {"Node": "n", "Address": "10.1.0.1", "Datacenter": node_dc}
+    if node_wan:
+        node["TaggedAddresses"] = {"lan": "10.1.0.1", "wan": node_wan}
+    service = {"Kind": "connect-proxy", "Service": "api-sidecar-proxy", "Address": address, "Port": 21000,
+               "Proxy": {"DestinationServiceName": "api"}, "Weights": weights or {"Passing": 1, "Warning": 1}}
+    if tagged:
+        service["TaggedAddresses"] = tagged
+    return {"Node": node, "Service": service, "Checks": [{"Status": status}]}
+
+
+def test_a_target_whose_instances_all_weigh_nothing_fails_over():
+    """Instances with warnings count at Weights.Warning; at 0 they take no traffic, so a target of
+    only such instances is not serving, and the failover target is."""
+    entries = [{"Kind": "service-resolver", "Name": "api", "Failover": {"*": {"Service": "backup"}}}]
+    upstream = _api_upstream()
+    chain = meshgen.parse_chain(_compiled(entries), upstream)
+    primary, failover = chain.targets
+    instances = {primary.query: meshgen.parse_instances(
+                     [_entry("10.0.0.1", "warning", {"Passing": 1, "Warning": 0})], "p", "dc1")[0],
+                 failover.query: meshgen.parse_instances([_entry("10.0.0.9")], "f", "dc1")[0]}
+    backend, = meshgen.resolve_upstream(upstream, chain, instances).backends
+    assert backend.serving == failover.id
+    assert [i.address for i in backend.instances] == ["10.0.0.9:21000"]
+    instances[primary.query] = meshgen.parse_instances([_entry("10.0.0.1", "warning", {"Passing": 1, "Warning": 2})],
+                                                       "p", "dc1")[0]
+    assert meshgen.resolve_upstream(upstream, chain, instances).backends[0].serving == primary.id
+
+
+@pytest.mark.parametrize("entry, local, dialled", [
+    (_entry("10.0.0.5"), "dc1", "10.0.0.5:21000"),
+    (_entry("10.0.0.5", node_dc="dc2", tagged={"wan": {"Address": "203.0.113.5", "Port": 31000}}), "dc1",
+     "203.0.113.5:31000"),
+    (_entry("10.0.0.5", node_dc="dc1", tagged={"wan": {"Address": "203.0.113.5", "Port": 31000}}), "dc1",
+     "10.0.0.5:21000"),
+    (_entry("", node_dc="dc2", node_wan="198.51.100.7"), "dc1", "198.51.100.7:21000"),
+    (_entry("", node_dc="dc2"), "dc1", "10.1.0.1:21000"),
+    (_entry("10.0.0.5", node_dc="dc2", node_wan="198.51.100.7"), "dc1", "10.0.0.5:21000"),
+])
+def test_an_instance_in_another_datacenter_is_dialled_as_consul_tells_envoy(entry, local, dialled):
+    """Consul's BestAddress(wan): in another datacenter, the service's WAN address, else its
+    address, else the node's WAN address, else the node's; at home, the service's, else the node's."""
+    instances, skipped = meshgen.parse_instances([entry], "t", local)
+    assert skipped == () and [i.address for i in instances] == [dialled]
+
+
+def test_a_bad_instance_is_left_out_and_named_and_the_rest_stay():
+    good, bad = _entry("10.0.0.1"), _entry("10.0.0.2\n    server evil 10.9.9.9:1")
+    instances, skipped = meshgen.parse_instances([bad, good], "instances of target api", "dc1")
+    assert [i.address for i in instances] == ["10.0.0.1:21000"]
+    assert len(skipped) == 1 and "instances of target api[0].Service.Address" in skipped[0]
+
+
+def test_a_leaf_with_a_duplicate_extension_is_one_line():
+    """cryptography raises DuplicateExtension, not ValueError, on a certificate that repeats an
+    extension: it escaped as a traceback."""
+    double = ConsulDouble()
+    cert, key = double.ca.issue_leaf(double.active_root, double.service_uri("www"))
+    der = bytearray(cert.public_bytes(serialization.Encoding.DER))
+    # Rename the Key Usage extension (2.5.29.15) to Subject Alternative Name (2.5.29.17): two SANs.
+    at = der.find(bytes([0x06, 0x03, 0x55, 0x1d, 0x0f]))
+    assert at > 0
+    der[at + 4] = 0x11
+    forged = x509.load_der_x509_certificate(bytes(der))
+    with pytest.raises(x509.DuplicateExtension):
+        forged.extensions
+    leaf = {"CertPEM": forged.public_bytes(serialization.Encoding.PEM).decode(),
+            "PrivateKeyPEM": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()).decode()}
+    with pytest.raises(meshgen.MeshgenError, match="leaf certificate: "):
+        meshgen.check_certificates(double._roots_json(), leaf, "www", dt.datetime.now(dt.timezone.utc))

@@ -2,7 +2,7 @@
 performs the Dockerfile's own steps in a chroot of the Debian suite it names (built once, kept
 under .deps/image); start.sh then runs in that chroot as the image's user, with the image's
 environment, against a real Consul 1.8.7 agent on the host's loopback with ACLs on and the
-README's minimal policy for the sidecar's token, and traffic through the sidecar decides."""
+minimal policy (docs/security.md) for the sidecar's token, and traffic through the sidecar decides."""
 from __future__ import annotations
 
 import json

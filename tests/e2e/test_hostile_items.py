@@ -63,7 +63,7 @@ def test_poisoned_items_cost_only_themselves_and_the_rest_still_goes_out(agent, 
     assert run.code == 3, run.stderr
     skipped = [line for line in run.stderr.splitlines() if ": skipped: " in line]
     assert len(skipped) == 3, run.stderr
-    assert _decision(out, f"default/{api}") == "deny"               # the revocation went out
+    assert _decision(out, f"default/default/{api}") == "deny"               # the revocation went out
     assert _roots(out) != roots_before                                # and the new roots
     assert _servers(out, f"upstream_{redis}") == good_redis           # the bad instance alone is out
     assert _servers(out, f"upstream_{billing}") == []                 # its listener refuses

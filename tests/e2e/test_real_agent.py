@@ -71,7 +71,7 @@ def sidecar_token(agent, rules: str) -> str:
     return secret
 
 
-# The README's minimal policy for the token of SERVICE's sidecar with one upstream, UPSTREAM.
+# The minimal policy (docs/security.md) for the token of SERVICE's sidecar with one upstream, UPSTREAM.
 MINIMAL_POLICY = {
     "own registration": 'service "{service}-sidecar-proxy" {{ policy = "read" }}',
     "leaf and authorize": 'service "{service}" {{ policy = "write" }}',
