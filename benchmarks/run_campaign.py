@@ -43,7 +43,12 @@ def rows_for(part: str, records: list[dict]) -> list[tuple[str, str, str, str]]:
     """(what was tried, HAProxy, cases, what held) for each record of one part."""
     rows = []
     for r in records:
-        if part == "fuzz_agent_answers":
+        if part == "fuzz_agent_answers" and "sweep" in r:
+            rows.append(("every string field of every agent answer set to `-i`, then to `}` (a flag, the end of "
+                         "a condition)", r["haproxy"], str(r["sweep"]),
+                         f"{r['accepted']} accepted, {r['structure_findings']} of them changed haproxy.cfg's "
+                         "structure; the rest refused or skipped in one line"))
+        elif part == "fuzz_agent_answers":
             def total(how, kinds=("strings", "types", "pem")):
                 return sum(r.get(f"{kind}_{how}", 0) for kind in kinds)
             rows.append(("hypothesis over every leaf and key of each agent answer (registration, health, roots, "

@@ -687,5 +687,7 @@ def test_every_string_field_with_each_syntax_value_keeps_structure_or_costs_its_
                     accepted += 1
                     differences = structure_findings(renderer, target, answer, changes, out, result.stderr)
                     findings += [(target, path, text, differences)] if differences else []
+    record("fuzz_agent_answers", haproxy=haproxy_version(any_haproxy), sweep=sum(len(sweep_paths(t, a)) for t, a in
+           answers.items()) * len(SWEEP), accepted=accepted, structure_findings=len(findings))
     assert findings == [], "\n".join(map(repr, findings))
     assert accepted > 50
