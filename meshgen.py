@@ -1457,11 +1457,19 @@ def parse_instances(entries: list, field: str, local_dc: str) -> tuple[tuple[Ins
     return tuple(instances[a] for a in sorted(instances)), tuple(skipped)
 
 
+CHECK_STATUSES = ("passing", "warning", "critical", "maintenance")
+
+
 def _instance(entry, field: str, local_dc: str) -> Instance | None:
     if not isinstance(entry, dict) or not isinstance(entry.get("Service"), dict):
         raise MeshgenError(f"{field}: expected an object with a Service")
     svc, node = entry["Service"], entry.get("Node") if isinstance(entry.get("Node"), dict) else {}
-    statuses = {c.get("Status") for c in _list(entry.get("Checks"), f"{field}.Checks") if isinstance(c, dict)}
+    statuses = set()
+    for i, check in enumerate(_list(entry.get("Checks"), f"{field}.Checks")):
+        status = check.get("Status") if isinstance(check, dict) else None
+        if status not in CHECK_STATUSES:
+            raise MeshgenError(f"{field}.Checks[{i}].Status: {status!r} is not one of {', '.join(CHECK_STATUSES)}")
+        statuses.add(status)
     if statuses - {"passing", "warning"}:
         return None
     if svc.get("SocketPath"):
@@ -1693,7 +1701,10 @@ def parse_target(target_id, targets: dict, field: str) -> Target:
     subset = raw.get("Subset") or {}
     if not isinstance(subset, dict):
         raise MeshgenError(f"{field}.Subset: not an object")
-    expression = subset.get("Filter") or ""
+    # Only a string is a filter: an empty object or list read as "no filter" would let the subset
+    # reach every instance of the service.
+    expression = subset.get("Filter")
+    expression = "" if expression is None else expression
     if not isinstance(expression, str) or len(expression) > 1000:
         raise MeshgenError(f"{field}.Subset.Filter: not a filter expression")
     return Target(check_name(target_id, field), check_name(raw.get("Service"), f"{field}.Service"),

@@ -43,15 +43,24 @@ def rows_for(part: str, records: list[dict]) -> list[tuple[str, str, str, str]]:
     """(what was tried, HAProxy, cases, what held) for each record of one part."""
     rows = []
     for r in records:
-        if part == "fuzz_agent_answers":
-            refused = sum(v for k, v in r.items() if k.endswith("_refused"))
-            rendered = sum(v for k, v in r.items() if k.endswith("_rendered"))
-            unchanged = sum(v for k, v in r.items() if k.endswith("_unchanged"))
-            rows.append(("hypothesis: registration, Config, upstreams, health entries, roots, leaf",
+        if part == "fuzz_agent_answers" and "sweep" in r:
+            rows.append(("every string field of every agent answer set to `-i`, then to `}` (a flag, the end of "
+                         "a condition)", r["haproxy"], str(r["sweep"]),
+                         f"{r['accepted']} accepted, {r['structure_findings']} of them changed haproxy.cfg's "
+                         "structure; the rest refused or skipped in one line"))
+        elif part == "fuzz_agent_answers":
+            def total(how, kinds=("strings", "types", "pem")):
+                return sum(r.get(f"{kind}_{how}", 0) for kind in kinds)
+            rows.append(("hypothesis over every leaf and key of each agent answer (registration, health, roots, "
+                         "leaf, intentions, authorize, discovery chain, prepared query): hostile strings (zone IDs, "
+                         "line ends incl. U+2028/2029/0085, NUL, #, quotes, leading -, braces, %[, ${, a megabyte), "
+                         "wrong types, damaged PEMs",
                          r["haproxy"], str(r["cases"]),
-                         f"{rendered} new bundles passed haproxy -c, {unchanged} unchanged, no "
-                         f"injection trace in any; {refused} refused with one line, DIR unchanged "
-                         f"({r['haproxy_c_rejections']} of them by haproxy -c)"))
+                         f"{total('rendered')} new bundles and {total('unchanged')} unchanged passed haproxy -c; "
+                         f"{total('skipped')} cost an item (one skipped: line each); {total('refused')} refused "
+                         f"with one line, DIR unchanged ({r['haproxy_c_rejections']} of them by haproxy -c); "
+                         f"of {sum(r.get(f'strings_{h}', 0) for h in ('rendered', 'unchanged', 'skipped'))} "
+                         f"accepted string cases, {r['structure_findings']} changed a file's structure"))
         elif part == "fuzz_client_certificates":
             rows.append(("hostile client certificates over mTLS (SANs, raw DER, size)", r["haproxy"],
                          str(r["cases"]),
