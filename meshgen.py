@@ -342,7 +342,7 @@ class ConsulClient:
                                f"{self.settings.unix_socket or self.settings.base_url} "
                                f"({_one_line(type(err).__name__)})") from None
         index = response.headers.get("X-Consul-Index")
-        index = int(index) if index and index.isdigit() else None
+        index = int(index) if index and re.fullmatch(r"[0-9]{1,20}", index) else None
         if response.status == 404 and absent_ok:
             return Reply(None, index)
         if response.status != 200:
@@ -350,7 +350,7 @@ class ConsulClient:
             raise error(f"{where}: {_status_message(response.status, response.data.decode('utf-8', 'replace'))}")
         try:
             data = json.loads(response.data)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise MeshgenError(f"{where}: malformed JSON from the Consul agent ({_one_line(str(err))})") from None
         return Reply(data, index, response.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true")
 
@@ -496,7 +496,8 @@ def _fetch_intentions(client: ConsulClient, service: str) -> Reply:
     reply = client.get(f"{INTENTIONS_PATH}/match", {"by": "destination", "name": service})
     if not isinstance(reply.data, dict):
         raise MeshgenError(f"GET {INTENTIONS_PATH}/match: expected a JSON object")
-    entries = reply.data.get(service) or []     # null on 1.8.7 when none match
+    entries = reply.data.get(service)
+    entries = [] if entries is None else entries     # null on 1.8.7 when none match
     if not isinstance(entries, list):
         raise MeshgenError(f"GET {INTENTIONS_PATH}/match: {service}: expected a JSON list of intentions")
     return Reply(entries, index)
@@ -631,11 +632,16 @@ class WatchState:
                intentions: tuple[int, list, list], upstreams: "ModelledUpstreams",
                loaded_bundle: str) -> "WatchState":
         mesh = [reply.data for query, reply in data.answers.items() if query.path == MESH_QUERY.path]
-        return cls(proxy_id, sidecar.service, str(registration.get("ContentHash", "")),
+        return cls(proxy_id, sidecar.service, content_hash(registration),
                    data.roots.index or 0, str(data.roots.data.get("ActiveRootID", "")), data.leaf.index or 0,
                    {str(query): _marker(query, reply) for query, reply in sorted(data.answers.items())},
                    *intentions, sidecar.max_connection_lifetime_ms, loaded_bundle,
                    upstreams.kept_chains, upstreams.kept_instances, list(upstreams.skipped), mesh or None)
+
+
+def content_hash(registration) -> str | None:
+    """The agent's hash of a registration, --wait's marker for it; None for an answer that is not one."""
+    return str(registration.get("ContentHash", "")) if isinstance(registration, dict) else None
 
 
 def _marker(query: Query, reply: Reply | MeshgenError):
@@ -666,7 +672,10 @@ def write_state(out_dir: Path, state: WatchState) -> None:
 
 
 SWEEP_SECONDS = 0.5      # how often a waiting run ends connections past their lifetime
-AGENT_CONNECTIONS = 6    # default --agent-connections: a sidecar of one upstream still long-polls each endpoint
+# Default --agent-connections: every sidecar waits over BUDGET_CONNECTIONS, whatever it watches,
+# so that 66 sidecars fit under the agent's 200 connections per client (a sidecar with no
+# upstream already watches 5 endpoints: fifty such, one long poll each, were 250).
+AGENT_CONNECTIONS = 3
 BUDGET_CONNECTIONS = 3   # a watch that does not fit: the intentions, the checks signal, one reader
 # The render's parallel reads share this many: when a change ends the waits of many sidecars at
 # once, their renders must fit beside the others' waits (1000 upstreams: 2.5 s with 4, 2.3 s with 8).
@@ -788,7 +797,7 @@ def _fixed_watches(client: "ConsulClient", state: WatchState) -> list:
     service_path = f"/v1/agent/service/{quote(state.proxy_id, safe='')}"
     leaf_path = f"/v1/agent/connect/ca/leaf/{quote(state.service, safe='')}"
     return [
-        ("registration", lambda hash_, wait: client.get(service_path, dict(wait, hash=hash_)).data.get("ContentHash"),
+        ("registration", lambda hash_, wait: content_hash(client.get(service_path, dict(wait, hash=hash_)).data),
          state.registration_hash),
         ("roots", lambda index, wait: client.get("/v1/agent/connect/ca/roots", dict(wait, index=index)).index,
          state.roots_index),
@@ -856,8 +865,7 @@ def _sweep_fixed(client: "ConsulClient", state: WatchState) -> bool:
     registration = client.get(f"/v1/agent/service/{quote(state.proxy_id, safe='')}")
     roots = client.get("/v1/agent/connect/ca/roots")
     leaf = client.get(f"/v1/agent/connect/ca/leaf/{quote(state.service, safe='')}")
-    return (not isinstance(registration.data, dict)
-            or str(registration.data.get("ContentHash", "")) != state.registration_hash
+    return (content_hash(registration.data) != state.registration_hash
             or roots.index != state.roots_index or leaf.index != state.leaf_index)
 
 
@@ -2255,10 +2263,16 @@ def parse_intention(entry, field: str) -> Intention:
     return Intention(caller, action, permissions, text)
 
 
+def _unset_is_default(value):
+    """Consul's reading of an unset partition or namespace; any other value stays itself, to be
+    checked (a list or a 0 must not pass for "default")."""
+    return "default" if value is None or value == "" else value
+
+
 def _caller_key(entry: dict, source: str, field: str) -> str:
     """The intentions.map key of an intention's source (see UNNAMED_CALLER)."""
-    partition = check_name(entry.get("SourcePartition") or "default", f"{field}.SourcePartition")
-    namespace = entry.get("SourceNS") or "default"
+    partition = check_name(_unset_is_default(entry.get("SourcePartition")), f"{field}.SourcePartition")
+    namespace = _unset_is_default(entry.get("SourceNS"))
     if namespace == "*" and source != "*":
         raise MeshgenError(f"{field}.SourceNS: '*' needs SourceName '*' too")
     if namespace != "*":
@@ -3630,9 +3644,10 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
     bundle = render(sidecar, certs, intentions, out_dir, request.admin_socket)
     live, live_files = live_bundle(out_dir)
     changed = (live, live_files) != (bundle.name, bundle.files)
-    # A run cut short while making HAProxy hold `cut_short`: this run makes the same change
-    # again and swaps, or, when Consul has moved on, HAProxy holds what no bundle says: reload.
-    interrupted = cut_short is not None and cut_short != bundle.name
+    # A run cut short between changing things and saying so: with the same bundle still to
+    # swap in, this run makes the same change again and swaps; otherwise (Consul moved on, or
+    # the killed run had swapped already) HAProxy may hold what no exit code asked for: reload.
+    interrupted = cut_short is not None and (cut_short != bundle.name or not changed)
     # 7. A dry run stops here, with the diff; a changed bundle is still checked, as a twin
     #    rendered for a scratch directory (the real one names its final directory).
     if request.dry_run:
@@ -3648,14 +3663,15 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
     warnings = stage_bundle(out_dir, bundle, request.haproxy) if changed else []
     # 9. With --runtime-socket, a change the runtime API can make goes to the running HAProxy,
     #    and counts only once its effect is seen (see "apply live"); anything else is a reload.
-    #    Before the swap, under a marker that names the bundle: a run killed in between leaves
-    #    it, for the next run to see what HAProxy may hold.
+    #    Before the swap, under a marker that names the bundle, kept until this run has said
+    #    what it did: a run killed after it leaves the marker, for the next run to see that
+    #    HAProxy may hold, or the live bundle may be, what no exit code asked a reload for.
     plan = None
     live_facts = live_manifest(out_dir, live_files) if live is not None else None
     if changed and request.runtime_socket is not None and live_facts is not None and not interrupted:
         plan = plan_live_change(live_facts, Manifest.decoded(bundle.files[MANIFEST]), live_files, bundle.files,
                                 out_dir.resolve() / loaded)
-    if plan is not None:
+    if changed:
         _write_marker(out_dir, bundle.name)
     why_not = None if plan is None else apply_live(
         RuntimeAPI(request.runtime_socket), out_dir, loaded, plan, _probe_address(sidecar.public_bind),
@@ -3677,19 +3693,22 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
     if reload_needed:
         loaded = bundle.name    # the wrapper reloads HAProxy on exit 3
     if interrupted:
-        notes += ("a run was stopped while it changed HAProxy through the runtime API: HAProxy may hold "
-                  "what no bundle describes, so it must reload",)
+        notes += ("an earlier run was stopped before it could say whether HAProxy must reload: reload it, "
+                  "to be sure it runs the live bundle",)
     # 11. What this run saw, for the next; not rewritten when it is the same. Then the marker
     #     goes: HAProxy holds the live bundle's state, or reloads onto it.
     state = dataclasses.replace(seen, loaded_bundle=loaded)
     try:
         if state != stored:
             write_state(out_dir, state)
-        (out_dir / LIVE_CHANGE_MARKER).unlink(missing_ok=True)
-    except (MeshgenError, OSError) as err:
+    except MeshgenError as err:
         if not (changed or interrupted):
-            raise MeshgenError(str(err) if isinstance(err, MeshgenError) else _write_error(out_dir, err)) from None
+            raise
         notes += (f"the bundle is live, but: {err}; the next run may render again",)
+    try:
+        (out_dir / LIVE_CHANGE_MARKER).unlink(missing_ok=True)
+    except OSError as err:
+        notes += (f"{_write_error(out_dir, err)}: the next run will ask for a reload again",)
     # 12. With --runtime-socket: connections past max_connection_lifetime_ms end (a waiting run
     #     also ends them while it waits).
     if request.runtime_socket is not None and sidecar.max_connection_lifetime_ms:

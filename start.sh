@@ -49,7 +49,13 @@ log() {
 stop_haproxy() {
     [ -n "$haproxy_pid" ] || return 0
     kill -USR1 "$haproxy_pid" 2>/dev/null
-    (sleep "$stop_grace"; kill -TERM "$haproxy_pid" 2>/dev/null) &
+    # The timer takes its sleep down with it when HAProxy stops first: no process outlives start.sh.
+    (
+        trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+        sleep "$stop_grace" &
+        sleeper=$!
+        wait "$sleeper" && kill -TERM "$haproxy_pid" 2>/dev/null
+    ) &
     timer=$!
     wait "$haproxy_pid" 2>/dev/null
     kill "$timer" 2>/dev/null
@@ -157,16 +163,19 @@ while :; do
                 kill -USR2 "$haproxy_pid"
             fi
             ;;
-        1)
-            # The agent is down or said something wrong: wait longer each time, up to the cap.
+        2)
+            log "meshgen exited 2 (a usage error): giving up"
+            shutdown "error" 2
+            ;;
+        *)
+            # 1: the agent is down or said something wrong; anything else: meshgen was killed (a
+            # run cut short tells the next one, which asks for the reload it owes). Wait longer
+            # each time, up to the cap.
             delay=$backoff
             backoff=$((backoff * 2))
             [ "$backoff" -gt "$backoff_max" ] && backoff=$backoff_max
+            [ "$code" = 1 ] || log "meshgen exited $code"
             log "render failed; HAProxy keeps its last good config; next try in ${delay}s"
-            ;;
-        *)
-            log "meshgen exited $code (a usage error): giving up"
-            shutdown "error" 2
             ;;
     esac
     if [ -n "$haproxy_pid" ] && ! kill -0 "$haproxy_pid" 2>/dev/null; then

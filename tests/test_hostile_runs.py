@@ -167,3 +167,28 @@ def test_a_state_file_with_damaged_kept_items_costs_nothing_but_them(seeded_doub
     assert run.code == 3, run.stderr
     assert "Traceback" not in run.stderr
     assert len([line for line in run.stderr.splitlines() if ": skipped: " in line]) == 1, run.stderr
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_a_run_killed_after_its_swap_leaves_the_reload_to_the_next(seeded_double, tmp_path, monkeypatch):
+    """Killed after the swap and before its exit code, a run leaves a new live bundle that no
+    one was told to reload onto; the next run found nothing to change and exited 0, and a
+    revocation stayed out of HAProxy. The marker tells it to ask for the reload."""
+    out = tmp_path / "out"
+    args = ["render", "--proxy-id", "redis-sidecar-proxy", "--out", str(out), "--no-validate",
+            "--http-addr", seeded_double.url]
+    assert CliRunner().invoke(meshgen.cli, args).exit_code == 3
+    seeded_double.set_intention("www", "redis", "deny")
+
+    def killed(*_):
+        raise Killed()
+    monkeypatch.setattr(meshgen, "write_state", killed)
+    with pytest.raises(Killed):
+        CliRunner().invoke(meshgen.cli, args, catch_exceptions=False)
+    monkeypatch.undo()
+    assert _decision(out, "default/default/www") == "deny"       # swapped in, never announced
+    assert CliRunner().invoke(meshgen.cli, args).exit_code == 3  # the reload it owes
+    assert CliRunner().invoke(meshgen.cli, args).exit_code == 0

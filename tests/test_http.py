@@ -508,3 +508,25 @@ def test_with_the_mesh_entry_unreadable_the_last_one_seen_stays_in_force(double,
     result = meshgen_run(double, proxy_id, out, any_haproxy)
     assert result.exit_code == 0 and any("the last one seen stays in force" in note for note in result.notes)
     assert "lua.meshgen_normalize 1 1 keep allow" in (out / "haproxy.cfg").read_text()
+
+
+def test_an_exposed_path_gives_the_app_no_caller_identity(double, any_haproxy, tmp_path):
+    """Exposed paths (health checks) take plain HTTP from anyone: nothing there proves who calls,
+    so a caller-written X-Forwarded-Client-Cert must not reach the app either."""
+    app, port, exposed = RequestEchoApp(), free_port(), free_port()
+    double.register({"service": {"name": "web", "port": app.port, "address": "127.0.0.1", "connect": {
+        "sidecar_service": {"port": port, "proxy": {"config": {"protocol": "http"}, "expose": {"paths": [
+            {"path": "/health", "local_path_port": app.port, "listener_port": exposed}]}}}}}})
+    out = tmp_path / "out"
+    assert meshgen_run(double, "web-sidecar-proxy", out, any_haproxy).exit_code == 3
+    process = HAProxy(any_haproxy, out / "haproxy.cfg", tmp_path / "haproxy.log", wait_for_port=exposed)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", exposed, timeout=5)
+        connection.request("GET", "/health", headers={"X-Forwarded-Client-Cert": f"URI={double.service_uri('admin')}"})
+        response = connection.getresponse()
+        seen = json.loads(response.read())
+    finally:
+        process.stop()
+        app.close()
+    assert response.status == 200 and seen["path"] == "/health"
+    assert [h for h in seen["headers"] if h[0].lower() == "x-forwarded-client-cert"] == []

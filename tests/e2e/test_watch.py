@@ -18,9 +18,15 @@ from real_consul import ConsulProcess, RealAgent
 pytestmark = pytest.mark.usefixtures("any_haproxy")
 
 
-def render(double, out, haproxy, *extra, wait=None, sidecar_for="www"):
+# These tests are about one long poll per endpoint: they give --wait the connections for it. The
+# default, a wait over 3 connections whatever the upstreams, is tested in test_watch_budget.py and
+# by test_the_default_wait_over_three_connections_sees_each_fixed_thing below.
+DIRECT = ("--agent-connections", "16")
+
+
+def render(double, out, haproxy, *extra, wait=None, sidecar_for="www", direct=True):
     command = [sys.executable, str(ROOT / "meshgen.py"), "render", "--sidecar-for", sidecar_for, "--out",
-               str(out), "--haproxy", haproxy, *extra] + (["--wait", wait] if wait else [])
+               str(out), "--haproxy", haproxy, *extra, *(DIRECT if direct else ())] + (["--wait", wait] if wait else [])
     return subprocess.Popen(command, env=agent_env(double), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -115,6 +121,7 @@ def test_an_idle_wait_asks_each_endpoint_once_per_period(seeded):
     periods = 3
     for _ in range(periods):
         start = time.monotonic()
+        # Enough connections for one long poll per endpoint (docs/watching.md): what is counted.
         code, err = finish(render(double, out, haproxy, wait="1s"))
         assert (code, time.monotonic() - start >= 1.0) == (0, True), err
         assert "unchanged after waiting 1s" in err
@@ -171,3 +178,22 @@ def test_a_refused_live_update_asks_for_a_reload(seeded):
     double.renew_leaf("www")
     code, err = finish(render(double, out, haproxy, "--runtime-socket", str(out / "no-such.sock")))
     assert code == 3 and "reload HAProxy" in err
+
+
+@pytest.mark.parametrize("change", ["registration", "roots", "leaf"])
+def test_the_default_wait_over_three_connections_sees_each_fixed_thing(seeded, change):
+    """By default a run waits over 3 connections and reads the registration, the roots and the
+    leaf from the agent every 5 s: each change ends the wait within that, not at its end."""
+    double, out, haproxy = seeded
+    process = render(double, out, haproxy, wait="30s", direct=False)
+    time.sleep(1.0)
+    started = time.monotonic()
+    if change == "registration":
+        double.update_service("www-sidecar-proxy", lambda s: s["Proxy"]["Config"].update(max_inbound_connections=77))
+    elif change == "roots":
+        double.rotate_root()
+    else:
+        double.renew_leaf("www")
+    code, err = finish(process)
+    assert code in (0, 3), err
+    assert time.monotonic() - started < 8, "the wait did not end with the change"
