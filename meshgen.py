@@ -1938,6 +1938,12 @@ class Certificates:
         return int(self.serial.replace(":", ""), 16)
 
     @property
+    def home(self) -> str:
+        """partition/namespace of this sidecar's service, as its SPIFFE ID names them."""
+        match = re.search(r"^spiffe://[^/]+(?:/ap/([^/]+))?/ns/([^/]+)/", self.spiffe_id)
+        return f"{match[1] or 'default'}/{match[2]}"
+
+    @property
     def datacenter(self) -> str:
         """This sidecar's datacenter, as its SPIFFE ID names it (checked to have one)."""
         return re.search(r"/dc/([^/]+)/svc/", self.spiffe_id)[1]
@@ -2070,11 +2076,13 @@ def _leaf_spiffe_id(cert, service: str, trust_domain: str) -> str:
 # one, it is unknown, and such requests are denied. On a tcp service an L7 intention denies,
 # as it does for Envoy.
 
-UNNAMED_CALLER = "*"      # intentions.map's line for every caller no other line names
+UNNAMED_CALLER = "*"      # intentions.map's last line: a caller no other line reaches is refused
 # A caller is partition/namespace/service (OSS: default/default/NAME). A "*" source reaches every
 # service of its namespace, partition/namespace/*, or with namespace "*" every service of its
 # partition, partition/*/*. haproxy.cfg looks a caller up in that order, most specific first, as
-# Consul ranks their precedence, and UNNAMED_CALLER last: the agent's answer for the rest.
+# Consul ranks their precedence, and UNNAMED_CALLER last. The agent's answer for a caller no
+# intention names is the line of this sidecar's own namespace (partition/namespace/*), unless an
+# intention holds it: the agent was asked about such a caller, and its answer is for them alone.
 _REASON_UNSAFE = re.compile(r"[^A-Za-z0-9 ._:/*=>(),-]")
 _QUOTABLE = re.compile(r"[\x20-\x26\x28-\x7e]{0,512}")      # printable ASCII but "'"
 _HEADER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -2347,9 +2355,13 @@ def unnamed_caller_uri(leaf_spiffe_id: str, intentions: list[Intention]) -> str:
     return f"{leaf_spiffe_id.rsplit('/', 1)[0]}/{name}"
 
 
-def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_reason: str) -> Intentions:
+def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_reason: str,
+           home: str = "default/default") -> Intentions:
     """What intentions.map and haproxy.cfg's L7 rules hold: each named caller's decision, the
-    agent's for everyone else, and the rules of each L7 intention that decides someone."""
+    agent's for every other caller of this sidecar's own partition and namespace (`home`: the
+    agent was asked about such a caller, and its answer holds for them alone), and the rules of
+    each L7 intention that decides someone. A caller of another partition or namespace that no
+    line reaches is refused."""
     named = deciding_intentions(intentions)
     agent_verdict = "allow" if agent_allows else "deny"
     rules: dict[Intention, L7Rules] = {}
@@ -2365,9 +2377,13 @@ def decide(intentions: list[Intention], http: bool, agent_allows: bool, agent_re
             Permission(f"{action}:permission-{i}", matches)
             for i, (action, matches) in enumerate(intention.permissions, 1))))
         return Decision(caller, found.tag, _safe_reason(f"L7 intention: {intention.text}"))
-    decisions = [decision(caller, named[caller]) for caller in sorted(named)]
-    decisions.append(Decision(UNNAMED_CALLER, agent_verdict, _safe_reason(
-        f"no intention names the caller, the agent says: {agent_reason or agent_verdict}")))
+    decisions = [decision(caller, named[caller]) for caller in named]
+    home_callers = f"{home}/*"
+    if not {home_callers, *wider_keys(home_callers)} & set(named):
+        decisions.append(Decision(home_callers, agent_verdict, _safe_reason(
+            f"no intention names the caller, the agent says: {agent_reason or agent_verdict}")))
+    decisions.sort(key=lambda d: d.caller)
+    decisions.append(Decision(UNNAMED_CALLER, "deny", "no intention names a caller of another partition or namespace"))
     # A request no permission of an L7 intention matches gets Consul's default; the agent's
     # answer is that only while no wildcard intention weighs in on it, and unknown otherwise.
     wildcard = any(key.endswith("/*") for key in named)
@@ -3501,7 +3517,7 @@ def _fetch_model(client: ConsulClient, proxy_id: str, previous: WatchState | Non
         notes += (f"intentions: {_one_line(str(err))}: the last ones seen stay in force",)
     seen = WatchState.of_run(proxy_id, registration, sidecar, data, (index, entries, unnamed), upstreams,
                              loaded_bundle="")
-    return Model(sidecar, certs, decide(listed, sidecar.http, *unnamed), seen, notes,
+    return Model(sidecar, certs, decide(listed, sidecar.http, *unnamed, home=certs.home), seen, notes,
                  upstreams.skipped + bad_intentions)
 
 
@@ -3905,7 +3921,7 @@ def check(ctx, definition: Path, haproxy: str):
     certs = throwaway_certificates(sidecar.service)
     with tempfile.TemporaryDirectory(prefix="meshgen-check-") as scratch:
         # Intentions come from Consul at render time; any decision checks the same config.
-        bundle = render(sidecar, certs, decide([], sidecar.http, False, "meshgen check"), Path(scratch),
+        bundle = render(sidecar, certs, decide([], sidecar.http, False, "meshgen check", home=certs.home), Path(scratch),
                         Path(scratch) / "admin.sock")
         warnings = validate(write_files(bundle, Path(scratch)), haproxy_path)
     for warning in warnings:

@@ -179,7 +179,8 @@ def test_intentions_map_gives_each_named_caller_consuls_first_match_and_the_rest
     """Consul's order decides: `late` (exact source, * destination, precedence 6) comes after
     `* => web` (8), so the wildcard decides it: `late` gets no line of its own and falls through
     to the wildcard's, as any caller of the namespace does; an L7 intention gives its caller its
-    rules' tag; the rest get the agent's answer, its reason made safe."""
+    rules' tag. The wildcard holds this namespace's line, so the agent's answer has none; "*"
+    refuses a caller of another partition or namespace."""
     lines = [line for line in bundle("full").files["intentions.map"].decode().splitlines()
              if not line.startswith("#")]
     assert [line.split(" ", 1)[0] for line in lines] == [
@@ -187,12 +188,27 @@ def test_intentions_map_gives_each_named_caller_consuls_first_match_and_the_rest
     assert lines[0].startswith("default/default/* deny|intention: default/* => default/web (precedence 8)")
     assert lines[1].startswith("default/default/api allow|intention: default/api => default/web (precedence 9)")
     assert lines[2].startswith("default/default/billing l7-1|L7 intention: default/billing => default/web")
-    assert lines[3] == ("* deny|no intention names the caller, the agent says: Matched intention: DENY "
-                        "default/* => default/web (ID: 1?2?X, Precedence: 8)")
+    assert lines[3] == "* deny|no intention names a caller of another partition or namespace"
     decisions = dict(line.split(" ", 1) for line in lines)
     assert meshgen.decision_of(decisions, "default/default/late").startswith("deny|")
     assert meshgen.decision_of(decisions, "default/default/api").startswith("allow|")
-    assert meshgen.decision_of(decisions, "team/default/api").startswith("deny|no intention")
+    assert meshgen.decision_of(decisions, "team/default/api").startswith("deny|no intention names a caller of another")
+
+
+def test_the_agents_answer_is_for_callers_of_this_namespace_only_and_made_safe():
+    """The agent was asked about a caller of this service's own partition and namespace: its
+    answer (its reason made safe for the map) holds for them, and a caller of another partition
+    or namespace that no intention names is refused, not given it."""
+    decided = meshgen.decide([], False, True, "Matched intention: ALLOW default/* => default/web (ID: 1|2\nX)",
+                             home="team/ns-a")
+    decisions = {d.caller: d.map_value for d in decided.decisions}
+    assert decisions == {
+        "team/ns-a/*": "allow|no intention names the caller, the agent says: Matched intention: ALLOW "
+                       "default/* => default/web (ID: 1?2?X)",
+        "*": "deny|no intention names a caller of another partition or namespace"}
+    assert meshgen.decision_of(decisions, "team/ns-a/api").startswith("allow|")
+    assert meshgen.decision_of(decisions, "team/ns-b/api").startswith("deny|")
+    assert meshgen.decision_of(decisions, "default/ns-a/api").startswith("deny|")
 
 
 def test_a_namespace_wildcard_reaches_its_namespace_only_and_the_partition_is_part_of_the_caller():
@@ -206,7 +222,7 @@ def test_a_namespace_wildcard_reaches_its_namespace_only_and_the_partition_is_pa
     assert skipped == ()
     decided = meshgen.decide(listed, False, False, "default deny")
     decisions = {d.caller: d.map_value for d in decided.decisions}
-    assert set(decisions) == {"team/ns-a/api", "default/ns-a/*", "team/*/*", "*"}
+    assert set(decisions) == {"team/ns-a/api", "default/ns-a/*", "team/*/*", "default/default/*", "*"}
     verdict = {caller: meshgen.decision_of(decisions, caller).split("|")[0] for caller in (
         "team/ns-a/api", "default/ns-a/api", "default/ns-a/web", "default/ns-b/web", "team/ns-b/web", "other/ns-a/api")}
     assert verdict == {"team/ns-a/api": "deny", "default/ns-a/api": "allow", "default/ns-a/web": "allow",
