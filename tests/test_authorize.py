@@ -350,7 +350,7 @@ def test_a_live_change_of_five_thousand_callers_commits_them_all(double, start_s
     runtime = meshgen.RuntimeAPI(sidecar.out / "admin.sock")
     loaded = sidecar.out.resolve() / meshgen.running_bundle(runtime, sidecar.out)   # HAProxy's name for it
     shown = runtime(f"show map {loaded / 'intentions.map'}")
-    assert len(shown.splitlines()) == 5002          # every caller, the newcomer and "*"
+    assert len(shown.splitlines()) == 5003          # every caller, the newcomer, this namespace's line and "*"
     assert talk(sidecar.port, revoked) is None
     assert talk(sidecar.port, allowed) == b"ping\n"
 
