@@ -202,8 +202,18 @@ def test_max_connection_lifetime_ends_connections_while_meshgen_waits(double, st
     double.set_intention("api", "web", "allow")
     sidecar = start_sidecar({"max_connection_lifetime_ms": 2000})
     client = sidecar.identity("api").context()
-    held, opened = OpenConnection(sidecar.port, client), time.monotonic()
-    ended = []
+    held = OpenConnection(sidecar.port, client)
+    result, ended = lifetime_while_waiting(sidecar, held)
+    assert result.waited_out
+    assert ended and 2.0 <= ended[0] < 6, ended
+    assert talk(sidecar.port, client) == b"ping\n"
+    held.close()
+
+
+def lifetime_while_waiting(sidecar: Sidecar, held: OpenConnection):
+    """A `render --wait 6s` with the runtime socket, which ends connections past their
+    lifetime as it waits: its result, and how long `held` lived from now (if it ended)."""
+    opened, ended = time.monotonic(), []
 
     def watch_it() -> None:
         while held.echoes():
@@ -211,13 +221,10 @@ def test_max_connection_lifetime_ends_connections_while_meshgen_waits(double, st
         ended.append(time.monotonic() - opened)
     watcher = threading.Thread(target=watch_it)
     watcher.start()
-    result = meshgen_run(double, sidecar.proxy_id, sidecar.out, sidecar.binary,
+    result = meshgen_run(sidecar.double, sidecar.proxy_id, sidecar.out, sidecar.binary,
                          runtime_socket=sidecar.out / "admin.sock", wait=6)
     watcher.join(5)
-    assert result.waited_out
-    assert ended and 2.0 <= ended[0] < 6, ended
-    assert talk(sidecar.port, client) == b"ping\n"
-    held.close()
+    return result, ended
 
 
 def test_no_token_reaches_the_bundle(double, start_sidecar, monkeypatch):
@@ -392,18 +399,8 @@ def test_a_new_connection_from_a_reused_port_gets_its_own_lifetime(double, start
     time.sleep(1.5)
     first.tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST: no TIME_WAIT
     first.close()
-    second, opened = _from_port(sidecar.port, client, source_port), time.monotonic()
-    lived = []
-
-    def watch_it() -> None:
-        while second.echoes():
-            time.sleep(0.1)
-        lived.append(time.monotonic() - opened)
-    watcher = threading.Thread(target=watch_it)
-    watcher.start()
-    result = meshgen_run(double, sidecar.proxy_id, sidecar.out, sidecar.binary,
-                         runtime_socket=sidecar.out / "admin.sock", wait=6)
-    watcher.join(5)
+    second = _from_port(sidecar.port, client, source_port)
+    result, lived = lifetime_while_waiting(sidecar, second)
     assert result.waited_out
     assert lived and 3.0 <= lived[0] < 6, lived       # its own three seconds, not what was left of the first's
     second.close()
