@@ -3617,7 +3617,7 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str, re
     agent refuses while the run waits."""
     out_dir = request.out_dir
     # 1. What the last run saw: the markers --wait blocks on.
-    previous = _previous_run(out_dir, proxy_id)
+    previous = _of_proxy(read_state(out_dir), proxy_id)
     # 2. With --wait, once there is a last run: block on Consul until something it saw changes;
     #    meanwhile, with the runtime socket, end connections past their lifetime. No lock is
     #    held while waiting: an operator's run may write meanwhile.
@@ -3637,8 +3637,8 @@ def run_render(settings: ConsulSettings, client: ConsulClient, proxy_id: str, re
         return _render_locked(client, proxy_id, request)
 
 
-def _previous_run(out_dir: Path, proxy_id: str) -> WatchState | None:
-    stored = read_state(out_dir)
+def _of_proxy(stored: WatchState | None, proxy_id: str) -> WatchState | None:
+    """What the last run saw, if it rendered this proxy."""
     return stored if stored is not None and stored.proxy_id == proxy_id else None
 
 
@@ -3646,9 +3646,9 @@ def _render_locked(client: ConsulClient, proxy_id: str, request: RenderRequest) 
     """run_render's steps once it holds --out."""
     out_dir = request.out_dir
     # 4. What the last run left: its state (again: another run may have written it while this
-    #    one waited), and whether a run died while changing HAProxy live.
+    #    one waited), and whether a run was cut short before it said what it had changed.
     stored = read_state(out_dir)
-    previous = stored if stored is not None and stored.proxy_id == proxy_id else None
+    previous = _of_proxy(stored, proxy_id)
     cut_short = _read_marker(out_dir)
     # 5. Fetch and model: every value checked, certificates verified.
     model = _fetch_model(client, proxy_id, previous)
